@@ -1,0 +1,40 @@
+"""Small helpers used across subpackages (no heavy imports at module level)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ._constants import UNS_KEY
+
+
+def get_device(device: Any = None):
+    """Return a :class:`torch.device`: the given one, else CUDA when available, else CPU."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def histoexpr_uns(adata) -> dict:
+    """Return (creating if needed) ``adata.uns["histoexpr"]``."""
+    return adata.uns.setdefault(UNS_KEY, {})
+
+
+def check_finite(x: np.ndarray, *, what: str) -> None:
+    """Raise a clear :class:`ValueError` if ``x`` has NaN or infinite values."""
+    x = np.asarray(x)
+    if x.dtype.kind in "fc" and not np.isfinite(x).all():
+        bad = ~np.isfinite(x)
+        rows = np.unique(np.nonzero(bad)[0]) if x.ndim > 1 else np.nonzero(bad)[0]
+        raise ValueError(
+            f"{what} contains {int(bad.sum())} NaN/inf values (in {rows.size} rows, first rows: "
+            f"{rows[:5].tolist()}). Re-extract the features of those tiles or drop them before continuing."
+        )
+
+
+def warn(msg: str, category: type[Warning] = UserWarning) -> None:
+    warnings.warn(msg, category, stacklevel=3)

@@ -1,0 +1,453 @@
+"""Lazy whole-slide image access with an explicit physical scale.
+
+One small class, :class:`Slide`, hides three back-ends behind an openslide-like API:
+
+* ``tiffslide`` for SVS and generic pyramidal TIFF (openslide-python when installed, as a fallback for
+  formats tiffslide cannot read),
+* PIL for large JPEG/PNG H&E images (decoded once, on first pixel access),
+* a SpatialData image element (multiscale ``DataTree`` or single ``DataArray``), read through dask.
+
+All coordinates are level-0 pixels ``(x, y)``; pixel arrays are ``(height, width, 3)`` ``uint8`` RGB.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: File endings read with PIL instead of a WSI library.
+_PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+#: Plausible range of µm/px for brightfield slides (outside it, a resolution tag is not trusted).
+_MPP_RANGE = (0.05, 20.0)
+
+
+class SlideError(ValueError):
+    """A slide cannot be opened or lacks information needed to use it."""
+
+
+class Slide:
+    """A whole-slide image with a known physical scale, read lazily.
+
+    Use :func:`open_slide` to create one.
+
+    Attributes
+    ----------
+    path
+        The file, or ``None`` for an in-memory SpatialData element.
+    slide_id
+        Identifier used in ``obs["slide_id"]`` (file stem by default).
+    mpp
+        µm per level-0 pixel.
+    dimensions
+        ``(width, height)`` at level 0.
+    level_dimensions, level_downsamples
+        Per pyramid level, as in openslide.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: str,
+        path: Path | None,
+        mpp: float,
+        slide_id: str,
+        level_dimensions: tuple[tuple[int, int], ...],
+        element: Any = None,
+    ):
+        self.backend = backend
+        self.path = path
+        self.mpp = float(mpp)
+        self.slide_id = slide_id
+        self.level_dimensions = level_dimensions
+        w0, h0 = level_dimensions[0]
+        self.level_downsamples = tuple((w0 / w + h0 / h) / 2 for w, h in level_dimensions)
+        self._element = element
+        self._handle: Any = None
+        self._pil_levels: list[np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ openslide-like API
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (never upsample)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-2):
+                best = i
+        return best
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read ``size = (w, h)`` pixels of ``level`` starting at level-0 ``location = (x, y)``.
+
+        Areas outside the image are filled with white (255), as background would be.
+        """
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"level {level} does not exist; this slide has levels 0..{self.level_count - 1}")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise SlideError(f"region size must be positive, got {size}")
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        # Region in level coordinates, then clipped to the image; the rest stays white.
+        lx, ly = int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds))
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        patch = self._read_level_box(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+        out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = patch
+        return out
+
+    def read_tile(self, x0: float, y0: float, size0: float, out_size: int) -> np.ndarray:
+        """The square of side ``size0`` level-0 px at top-left ``(x0, y0)``, resized to ``out_size`` px.
+
+        It is read from the coarsest pyramid level that still has at least ``out_size`` pixels across,
+        so a 40× slide tiled at 0.5 µm/px reads 512 px from level 0 (or 256 px from a 2× level).
+        """
+        ds = size0 / out_size
+        level = self.get_best_level_for_downsample(ds)
+        lds = self.level_downsamples[level]
+        n = max(1, int(round(size0 / lds)))
+        patch = self.read_region((int(round(x0)), int(round(y0))), level, (n, n))
+        if n == out_size:
+            return patch
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(patch).resize((out_size, out_size), Image.BILINEAR))
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """A downsampled RGB image whose longer side is at most ``max_size`` px."""
+        w0, h0 = self.dimensions
+        scale = max_size / max(w0, h0)
+        if scale >= 1:
+            return self.read_region((0, 0), 0, (w0, h0))
+        level = self.get_best_level_for_downsample(1 / scale)
+        lw, lh = self.level_dimensions[level]
+        img = self.read_region((0, 0), level, (lw, lh))
+        from PIL import Image
+
+        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        return np.asarray(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
+
+    def thumbnail_scale(self, thumbnail: np.ndarray) -> float:
+        """Factor mapping level-0 px to pixels of ``thumbnail`` (as in ``tissue_hires_scalef``)."""
+        return thumbnail.shape[1] / self.dimensions[0]
+
+    # ------------------------------------------------------------------ back-ends
+    def _read_level_box(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if self.backend == "pil":
+            return self._pil_level(level)[y : y + h, x : x + w]
+        if self.backend == "spatialdata":
+            arr = _element_level(self._element, level)
+            patch = np.asarray(arr[:, y : y + h, x : x + w])
+            return _to_rgb_uint8(np.moveaxis(patch, 0, -1))
+        handle = self._open_handle()
+        ds = self.level_downsamples[level]
+        loc = (int(round(x * ds)), int(round(y * ds)))
+        if self.backend == "tiffslide":
+            patch = handle.read_region(loc, level, (w, h), as_array=True)
+        else:  # openslide
+            patch = np.asarray(handle.read_region(loc, level, (w, h)))
+        return _to_rgb_uint8(patch)
+
+    def _open_handle(self):
+        if self._handle is None:
+            with self._lock:
+                if self._handle is None:
+                    if self.backend == "tiffslide":
+                        import tiffslide
+
+                        self._handle = tiffslide.TiffSlide(self.path)
+                    else:
+                        import openslide
+
+                        self._handle = openslide.OpenSlide(str(self.path))
+        return self._handle
+
+    def _pil_level(self, level: int) -> np.ndarray:
+        if self._pil_levels is None:
+            with self._lock:
+                if self._pil_levels is None:
+                    self._pil_levels = _pil_pyramid(self.path, self.level_dimensions)
+        return self._pil_levels[level]
+
+    # ------------------------------------------------------------------ housekeeping
+    def close(self) -> None:
+        if self._handle is not None and hasattr(self._handle, "close"):
+            self._handle.close()
+        self._handle = None
+        self._pil_levels = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        # Workers re-open the file themselves: handles and decoded pixels are not pickled.
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pil_levels"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        src = self.path.name if self.path is not None else "SpatialData element"
+        return (
+            f"Slide({src!r}, {w}×{h} px, {self.mpp:.4g} µm/px, {self.level_count} level(s), "
+            f"backend={self.backend!r})"
+        )
+
+
+def open_slide(
+    source: str | os.PathLike | Any,
+    *,
+    mpp: float | None = None,
+    slide_id: str | None = None,
+    image_key: str | None = None,
+    coordinate_system: str = "global",
+) -> Slide:
+    """Open a whole-slide image lazily, with its physical scale.
+
+    Parameters
+    ----------
+    source
+        Path to an SVS / pyramidal TIFF (tiffslide, or openslide when installed), a large JPEG/PNG,
+        a :class:`spatialdata.SpatialData` (with ``image_key``) or a SpatialData image element.
+    mpp
+        µm per level-0 pixel. Overrides the metadata; required when the file has none.
+    slide_id
+        Identifier for ``obs["slide_id"]``; defaults to the file stem or ``image_key``.
+    image_key
+        Image element to use when ``source`` is a SpatialData object.
+    coordinate_system
+        For SpatialData images without ``mpp=``: the scale of the element's transformation to this
+        coordinate system is taken as µm/px (Xenium's ``"global"`` system is in µm).
+
+    Returns
+    -------
+    A :class:`Slide`.
+
+    Examples
+    --------
+    >>> import histoexpr as hx
+    >>> slide = hx.io.open_slide("cmu-1-small-region.svs")  # doctest: +SKIP
+    >>> slide.mpp, slide.dimensions  # doctest: +SKIP
+    (0.499, (2220, 2967))
+    >>> slide = hx.io.open_slide("HE.jpg", mpp=0.69)  # doctest: +SKIP
+    """
+    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+        raise SlideError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
+    if not isinstance(source, str | os.PathLike):
+        return _open_spatialdata(source, mpp=mpp, slide_id=slide_id, image_key=image_key,
+                                 coordinate_system=coordinate_system)
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise SlideError(f"slide file not found: {path}")
+    if path.is_dir():
+        raise SlideError(
+            f"{path} is a folder; pass a slide file (SVS/TIFF/JPEG/PNG), or open a SpatialData zarr "
+            "with spatialdata.read_zarr and pass the SpatialData object with image_key=..."
+        )
+    slide_id = slide_id or path.stem
+    if path.suffix.lower() in _PIL_SUFFIXES:
+        dims = _pil_dimensions(path)
+        return Slide(backend="pil", path=path, mpp=_require_mpp(mpp, path), slide_id=slide_id,
+                     level_dimensions=_pil_level_dimensions(dims))
+    backend, handle = _open_wsi(path)
+    try:
+        level_dimensions = tuple(tuple(int(v) for v in d) for d in handle.level_dimensions)
+        file_mpp = _wsi_mpp(handle, path)
+    finally:
+        handle.close()
+    return Slide(backend=backend, path=path, mpp=_require_mpp(mpp if mpp is not None else file_mpp, path),
+                 slide_id=slide_id, level_dimensions=level_dimensions)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _require_mpp(mpp: float | None, path: Path | str) -> float:
+    if mpp is None:
+        raise SlideError(
+            f"{path} has no µm-per-pixel (mpp) in its metadata. Pass mpp= explicitly, e.g. "
+            "open_slide(path, mpp=0.25) for a 40× scan or mpp=0.5 for a 20× scan."
+        )
+    return float(mpp)
+
+
+def _open_wsi(path: Path):
+    errors = []
+    try:
+        import tiffslide
+
+        return "tiffslide", tiffslide.TiffSlide(path)
+    except Exception as e:  # noqa: BLE001 - report every back-end's reason below
+        errors.append(f"tiffslide: {type(e).__name__}: {e}")
+    try:
+        import openslide
+
+        return "openslide", openslide.OpenSlide(str(path))
+    except ImportError:
+        errors.append("openslide: not installed (pip install 'histoexpr[openslide]')")
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"openslide: {type(e).__name__}: {e}")
+    raise SlideError(
+        f"cannot read {path} as a whole-slide image. Supported: SVS / pyramidal TIFF (tiffslide, or "
+        "openslide for other vendor formats), JPEG/PNG. Reasons: " + "; ".join(errors)
+    )
+
+
+def _wsi_mpp(handle, path: Path) -> float | None:
+    props = handle.properties
+    for key in ("tiffslide.mpp-x", "openslide.mpp-x"):
+        v = props.get(key)
+        if v not in (None, ""):
+            return float(v)
+    return _tiff_resolution_mpp(path)
+
+
+def _tiff_resolution_mpp(path: Path) -> float | None:
+    """µm/px from TIFF resolution tags when they are in centimetres (or plausible inches)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            xres = page.tags.get("XResolution")
+            unit = page.tags.get("ResolutionUnit")
+            if xres is None or unit is None:
+                return None
+            num, den = xres.value
+            if num == 0:
+                return None
+            px_per_unit = num / den
+            unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            if unit_um is None:
+                return None
+            mpp = unit_um / px_per_unit
+            return mpp if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1] else None
+    except Exception:  # noqa: BLE001 - resolution tags are optional
+        return None
+
+
+def _pil_dimensions(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # H&E JPEGs are large on purpose
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:  # noqa: BLE001
+        raise SlideError(f"cannot read {path} as an image: {type(e).__name__}: {e}") from e
+
+
+def _pil_level_dimensions(dims: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    # A virtual 4×-per-level pyramid so that tissue detection and thumbnails work on small arrays.
+    w, h = dims
+    levels = [(w, h)]
+    while max(levels[-1]) > 2048:
+        lw, lh = levels[-1]
+        levels.append((max(1, lw // 4), max(1, lh // 4)))
+    return tuple(levels)
+
+
+def _pil_pyramid(path: Path, level_dimensions) -> list[np.ndarray]:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(path) as im:
+        base = im.convert("RGB")
+    levels = [np.asarray(base)]
+    for lw, lh in level_dimensions[1:]:
+        base = base.resize((lw, lh), Image.BOX)
+        levels.append(np.asarray(base))
+    return levels
+
+
+def _to_rgb_uint8(patch: np.ndarray) -> np.ndarray:
+    if patch.ndim == 2:
+        patch = np.repeat(patch[..., None], 3, axis=-1)
+    if patch.shape[-1] == 4:
+        patch = patch[..., :3]
+    if patch.shape[-1] == 1:
+        patch = np.repeat(patch, 3, axis=-1)
+    if patch.dtype != np.uint8:
+        if np.issubdtype(patch.dtype, np.floating) and patch.max(initial=0) <= 1.0:
+            patch = patch * 255
+        patch = np.clip(patch, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(patch)
+
+
+# ---------------------------------------------------------------------------- SpatialData
+def _element_levels(element) -> list:
+    """The image arrays (c, y, x) of a SpatialData image element, finest first."""
+    import xarray as xr
+
+    if isinstance(element, xr.DataTree):
+        levels = []
+        for name in sorted(element.children, key=lambda k: int(str(k).replace("scale", "") or 0)):
+            node = element[name]
+            levels.append(next(iter(node.ds.data_vars.values())))
+        return levels
+    return [element]
+
+
+def _element_level(element, level: int):
+    return _element_levels(element)[level]
+
+
+def _open_spatialdata(source, *, mpp, slide_id, image_key, coordinate_system) -> Slide:
+    element = source
+    if hasattr(source, "images"):  # a SpatialData object
+        if image_key is None:
+            keys = list(source.images.keys())
+            if len(keys) != 1:
+                raise SlideError(f"this SpatialData has images {keys}; pass image_key= to choose one")
+            image_key = keys[0]
+        if image_key not in source.images:
+            raise SlideError(f"image {image_key!r} not in this SpatialData; images: {list(source.images)}")
+        element = source.images[image_key]
+    levels = _element_levels(element)
+    if not levels or "c" not in levels[0].dims:
+        raise SlideError("expected a SpatialData image element with dims (c, y, x)")
+    level_dimensions = tuple((int(a.sizes["x"]), int(a.sizes["y"])) for a in levels)
+    if mpp is None:
+        mpp = _element_mpp(element, coordinate_system)
+    return Slide(backend="spatialdata", path=None, mpp=_require_mpp(mpp, f"image {image_key!r}"),
+                 slide_id=slide_id or image_key or "image", level_dimensions=level_dimensions,
+                 element=element)
+
+
+def _element_mpp(element, coordinate_system: str) -> float | None:
+    from spatialdata.transformations import get_transformation
+
+    transforms = get_transformation(element, get_all=True)
+    if coordinate_system not in transforms:
+        raise SlideError(
+            f"the image has no transformation to coordinate system {coordinate_system!r} "
+            f"(it has {sorted(transforms)}); pass coordinate_system= or mpp="
+        )
+    matrix = transforms[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    sx = float(np.hypot(matrix[0, 0], matrix[1, 0]))
+    sy = float(np.hypot(matrix[0, 1], matrix[1, 1]))
+    if not np.isclose(sx, sy, rtol=1e-3):
+        raise SlideError(f"anisotropic pixel size ({sx:.4g} × {sy:.4g}); pass mpp= explicitly")
+    return sx

@@ -1,0 +1,217 @@
+"""Putting tiles and prediction tables into a SpatialData object, and writing them safely."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._constants import UNS_KEY
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+_TMP_SUFFIX = "__histoexpr_tmp"
+
+
+def tiles_to_shapes(adata: AnnData, *, size0: float | None = None) -> gpd.GeoDataFrame:
+    """Square polygons of the tiles (level-0 pixel coordinates), indexed by ``tile_id``.
+
+    Parameters
+    ----------
+    adata
+        Tiles AnnData from :func:`histoexpr.pp.tile` (``obs`` ``x0``, ``y0``).
+    size0
+        Tile side in level-0 px; default ``uns["histoexpr"]["tile_size_level0"]``.
+    """
+    import geopandas as gpd
+    import shapely
+
+    if size0 is None:
+        try:
+            size0 = float(adata.uns[UNS_KEY]["tile_size_level0"])
+        except KeyError as e:
+            raise ValueError(
+                "tiles have no uns['histoexpr']['tile_size_level0']; make them with histoexpr.pp.tile "
+                "or pass size0="
+            ) from e
+    missing = {"x0", "y0"} - set(adata.obs.columns)
+    if missing:
+        raise ValueError(f"tiles AnnData lacks obs columns {sorted(missing)} (see histoexpr.pp.tile)")
+    x0 = adata.obs["x0"].to_numpy(dtype=float)
+    y0 = adata.obs["y0"].to_numpy(dtype=float)
+    boxes = shapely.box(x0, y0, x0 + size0, y0 + size0)
+    return gpd.GeoDataFrame(geometry=boxes, index=_tile_index(adata))
+
+
+def add_tiles_to_spatialdata(
+    sdata: SpatialData,
+    adata: AnnData,
+    *,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    overwrite: bool = False,
+) -> tuple[str, str]:
+    """Add the tiles as square polygons plus an annotating table to ``sdata``.
+
+    The polygons get the image's transformations, so they align with it in every coordinate system.
+    When ``sdata`` is backed by a zarr store, both elements are written to it safely (see
+    :func:`write_element_safely`).
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData holding the H&E image.
+    adata
+        Tiles AnnData (:func:`histoexpr.pp.tile`).
+    image_key
+        The H&E image element; required when ``sdata`` has several images.
+    shapes_key, table_key
+        Element names; default ``"<image_key>_tiles"`` and ``"<image_key>_tiles_table"``.
+    overwrite
+        Replace existing elements of the same names.
+
+    Returns
+    -------
+    ``(shapes_key, table_key)``.
+
+    Examples
+    --------
+    >>> tiles = hx.pp.tile(sdata, image_key="he_image")  # doctest: +SKIP
+    >>> sdata["he_image_tiles"], sdata["he_image_tiles_table"]  # doctest: +SKIP
+    """
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import get_transformation
+
+    image_key = _resolve_image_key(sdata, image_key)
+    shapes_key = shapes_key or f"{image_key}_tiles"
+    table_key = table_key or f"{image_key}_tiles_table"
+    transformations = get_transformation(sdata.images[image_key], get_all=True)
+    shapes = ShapesModel.parse(tiles_to_shapes(adata), transformations=dict(transformations))
+    _put(sdata, shapes_key, shapes, overwrite=overwrite)
+    add_table(sdata, adata, name=table_key, region=shapes_key, overwrite=overwrite)
+    return shapes_key, table_key
+
+
+def add_table(
+    sdata: SpatialData,
+    table: AnnData,
+    *,
+    name: str,
+    region: str,
+    instance_key: str = "tile_id",
+    overwrite: bool = False,
+) -> AnnData:
+    """Add ``table`` to ``sdata`` as a table annotating the shapes element ``region``.
+
+    The table is copied (the caller's object is not modified), gets ``obs["region"]`` and is parsed
+    with :class:`spatialdata.models.TableModel`. Rows are matched to shapes by ``obs[instance_key]``.
+    Written to disk safely when ``sdata`` is backed.
+
+    Examples
+    --------
+    >>> hx.io.add_table(sdata, predictions, name="sequoia_predictions", region="he_image_tiles")  # doctest: +SKIP
+    """
+    from spatialdata.models import TableModel
+
+    if region not in sdata.shapes:
+        raise ValueError(f"shapes element {region!r} not in this SpatialData; shapes: {list(sdata.shapes)}")
+    table = table.copy()
+    if instance_key not in table.obs.columns:
+        table.obs[instance_key] = table.obs_names.astype(str)
+    missing = ~table.obs[instance_key].astype(str).isin(sdata.shapes[region].index.astype(str))
+    if missing.any():
+        raise ValueError(
+            f"{int(missing.sum())} table rows have no matching shape in {region!r} "
+            f"(e.g. {table.obs[instance_key][missing].iloc[0]!r}); tables must annotate existing tiles"
+        )
+    table.obs["region"] = region
+    table.obs["region"] = table.obs["region"].astype("category")
+    # Thumbnails stay in the tiles AnnData; the SpatialData image element is the image.
+    table.uns.pop("spatial", None)
+    table = TableModel.parse(table, region=region, region_key="region", instance_key=instance_key)
+    _put(sdata, name, table, overwrite=overwrite)
+    return table
+
+
+def write_element_safely(sdata: SpatialData, name: str) -> None:
+    """Write element ``name`` of a backed ``sdata`` to its zarr store without risking the old copy.
+
+    A new element is written under a temporary name first; only once that has succeeded is the old
+    one deleted and the new one moved into place (spatialdata warns that overwriting in place can
+    lose data when interrupted).
+    """
+    if not sdata.is_backed() or sdata.path is None:
+        return
+    on_disk = set(sdata.elements_paths_on_disk())
+    element = sdata[name]
+    element_type = _element_type(sdata, name)
+    if f"{element_type}/{name}" not in on_disk:
+        sdata.write_element(name)
+        _consolidate(sdata)
+        return
+    tmp = name + _TMP_SUFFIX
+    sdata[tmp] = element
+    try:
+        sdata.write_element(tmp)
+    finally:
+        del sdata[tmp]
+    root = Path(sdata.path)
+    sdata.delete_element_from_disk(name) if _element_in_memory(sdata, name) else None
+    target = root / element_type / name
+    if target.exists():  # delete_element_from_disk needs the element in memory; be thorough
+        shutil.rmtree(target)
+    os.replace(root / element_type / tmp, target)
+    sdata[name] = element
+    _consolidate(sdata)
+
+
+# ---------------------------------------------------------------------------- internals
+def _put(sdata, name: str, element: Any, *, overwrite: bool) -> None:
+    exists = name in _all_element_names(sdata)
+    if exists and not overwrite:
+        raise ValueError(f"element {name!r} already exists in this SpatialData; pass overwrite=True to replace it")
+    sdata[name] = element
+    write_element_safely(sdata, name)
+
+
+def _all_element_names(sdata) -> set[str]:
+    return {name for _, name, _ in sdata.gen_elements()}
+
+
+def _element_in_memory(sdata, name: str) -> bool:
+    return name in _all_element_names(sdata)
+
+
+def _element_type(sdata, name: str) -> str:
+    for element_type, element_name, _ in sdata.gen_elements():
+        if element_name == name:
+            return element_type
+    raise KeyError(name)
+
+
+def _consolidate(sdata) -> None:
+    if sdata.has_consolidated_metadata():
+        sdata.write_consolidated_metadata()
+
+
+def _resolve_image_key(sdata, image_key: str | None) -> str:
+    keys = list(sdata.images.keys())
+    if image_key is None:
+        if len(keys) != 1:
+            raise ValueError(f"this SpatialData has images {keys}; pass image_key= to name the H&E image")
+        return keys[0]
+    if image_key not in sdata.images:
+        raise ValueError(f"image {image_key!r} not in this SpatialData; images: {keys}")
+    return image_key
+
+
+def _tile_index(adata) -> np.ndarray:
+    ids = adata.obs["tile_id"] if "tile_id" in adata.obs.columns else adata.obs_names
+    return np.asarray(ids.astype(str))
