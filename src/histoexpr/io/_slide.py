@@ -101,7 +101,7 @@ class Slide:
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         # Region in level coordinates, then clipped to the image; the rest stays white.
-        lx, ly = int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds))
+        lx, ly = int(round(location[0] / ds)), int(round(location[1] / ds))
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
@@ -155,8 +155,10 @@ class Slide:
             patch = np.asarray(arr[:, y : y + h, x : x + w])
             return _to_rgb_uint8(np.moveaxis(patch, 0, -1))
         handle = self._open_handle()
-        ds = self.level_downsamples[level]
-        loc = (int(round(x * ds)), int(round(y * ds)))
+        # The libraries take level-0 locations and floor them back to the level's grid: choose the
+        # level-0 pixel that maps exactly onto (x, y) of this level.
+        ds = float(handle.level_downsamples[level])
+        loc = (int(math.ceil(x * ds - 1e-6)), int(math.ceil(y * ds - 1e-6)))
         if self.backend == "tiffslide":
             patch = handle.read_region(loc, level, (w, h), as_array=True)
         else:  # openslide

@@ -147,7 +147,8 @@ def mask_to_polygons(mask: np.ndarray, downsample: tuple[float, float], *, min_p
         if comp.sum() < min_pixels:
             continue
         contours = find_contours(np.pad(comp, 1).astype(np.uint8), 0.5)
-        offset = np.array([box[1].start - 1, box[0].start - 1])
+        # contours pass through pixel centres; +0.5 moves them to pixel edges (level-0 = mask × ds)
+        offset = np.array([box[1].start - 0.5, box[0].start - 0.5])
         rings = [Polygon(c[:, ::-1] + offset) for c in contours if len(c) >= 4]
         rings = [r for r in rings if r.is_valid and r.area > 0]
         if not rings:

@@ -1,0 +1,111 @@
+"""io.open_slide / Slide on the real slides in ../shared/data/slides and her2st."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import histoexpr as hx
+from histoexpr.io import SlideError
+
+
+@pytest.fixture(scope="module")
+def slides_dir(shared_data):
+    return shared_data / "slides"
+
+
+def test_svs_metadata(slides_dir):
+    slide = hx.io.open_slide(slides_dir / "cmu-1-small-region.svs")
+    assert slide.mpp == pytest.approx(0.499)
+    assert slide.dimensions == (2220, 2967)
+    assert slide.slide_id == "cmu-1-small-region"
+    assert slide.level_count == 1
+
+
+def test_missing_mpp_is_a_clear_error(slides_dir):
+    with pytest.raises(SlideError, match="mpp"):
+        hx.io.open_slide(slides_dir / "tcga-cr-7395-01a-01-ts1.svs")
+    slide = hx.io.open_slide(slides_dir / "tcga-cr-7395-01a-01-ts1.svs", mpp=0.25)
+    assert slide.level_count == 2 and slide.mpp == 0.25
+
+
+@pytest.mark.parametrize("bad_mpp", [0, -1, float("nan")])
+def test_bad_mpp(slides_dir, bad_mpp):
+    with pytest.raises(SlideError, match="mpp"):
+        hx.io.open_slide(slides_dir / "cmu-1-small-region.svs", mpp=bad_mpp)
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"this is not a slide" * 100)
+    with pytest.raises(SlideError, match="cannot read"):
+        hx.io.open_slide(junk, mpp=0.5)
+    with pytest.raises(SlideError, match="not found"):
+        hx.io.open_slide(tmp_path / "nope.svs")
+    bad_jpg = tmp_path / "bad.jpg"
+    bad_jpg.write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(SlideError, match="cannot read"):
+        hx.io.open_slide(bad_jpg, mpp=0.5)
+
+
+def test_read_region_matches_raw_pixels_and_pads_outside(slides_dir):
+    import tiffslide
+
+    path = slides_dir / "cmu-1-small-region.svs"
+    slide = hx.io.open_slide(path)
+    raw = tiffslide.TiffSlide(path).read_region((100, 200), 0, (64, 32), as_array=True)
+    np.testing.assert_array_equal(slide.read_region((100, 200), 0, (64, 32)), raw)
+    # half outside the image on the left/top: white there, image pixels inside
+    patch = slide.read_region((-10, -20), 0, (30, 40))
+    assert (patch[:20] == 255).all() and (patch[:, :10] == 255).all()
+    np.testing.assert_array_equal(patch[20:, 10:], slide.read_region((0, 0), 0, (20, 20)))
+    assert (slide.read_region((5000, 5000), 0, (8, 8)) == 255).all()
+
+
+def test_read_tile_uses_pyramid_at_40x(slides_dir):
+    slide = hx.io.open_slide(slides_dir / "tcga-cr-7395-01a-01-ts1.svs", mpp=0.25)
+    # 256 px at 0.5 µm/px = 512 level-0 px; level 1 (downsample ~2) holds it at 256 px
+    assert slide.get_best_level_for_downsample(2.0) == 1
+    tile = slide.read_tile(1024, 1024, 512, 256)
+    assert tile.shape == (256, 256, 3) and tile.dtype == np.uint8
+    from PIL import Image
+
+    full = slide.read_region((1024, 1024), 0, (512, 512))
+    ref = np.asarray(Image.fromarray(full).resize((256, 256), Image.BILINEAR)).astype(float)
+    # different pyramid level (JPEG2000 re-encoded) but the same tissue
+    assert np.corrcoef(ref.ravel(), tile.astype(float).ravel())[0, 1] > 0.9
+
+
+def test_pickle_roundtrip_reads_same_pixels(slides_dir):
+    slide = hx.io.open_slide(slides_dir / "cmu-1-small-region.svs")
+    tile = slide.read_tile(300, 400, 256, 224)
+    clone = pickle.loads(pickle.dumps(slide))
+    np.testing.assert_array_equal(clone.read_tile(300, 400, 256, 224), tile)
+
+
+def test_large_jpeg(shared_data):
+    slide = hx.io.open_slide(shared_data / "her2st" / "C3_HE.jpg", mpp=0.69)
+    assert slide.backend == "pil" and slide.dimensions == (9270, 9936)
+    assert slide.level_count >= 2  # virtual pyramid for thumbnails
+    thumb = slide.thumbnail(512)
+    assert max(thumb.shape[:2]) == 512
+    with pytest.raises(SlideError, match="mpp"):
+        hx.io.open_slide(shared_data / "her2st" / "C3_HE.jpg")
+
+
+def test_spatialdata_image_element(shared_data):
+    sd = pytest.importorskip("spatialdata")
+    sdata = sd.read_zarr(shared_data / "xenium_segtraq/tests/data/xenium_sp_subset.zarr")
+    slide = hx.io.open_slide(sdata, image_key="he_image")
+    assert slide.dimensions == (527, 448) and slide.level_count == 5
+    # Xenium "global" is µm: the H&E transform gives µm/px
+    assert 0.2 < slide.mpp < 5
+    patch = slide.read_region((10, 20), 0, (16, 8))
+    expected = np.moveaxis(np.asarray(sdata.images["he_image"]["scale0"]["image"][:, 20:28, 10:26]), 0, -1)
+    np.testing.assert_array_equal(patch, expected)
+    with pytest.raises(SlideError, match="image_key"):
+        hx.io.open_slide(sdata)
+    with pytest.raises(SlideError, match="coordinate system"):
+        hx.io.open_slide(sdata, image_key="he_image", coordinate_system="nope")
