@@ -51,7 +51,8 @@ def make_large_slide(path: Path, *, side: int, mpp: float = 0.25, tile: int = 51
     w, h = src_slide.dimensions
     crop = min(w, h)
     top = (h - crop) // 2
-    source = Image.fromarray(src_slide.read_region((0, top), 0, (crop, crop)))
+    # a white margin lets the padded edge tiles of every level be cut from the source
+    source = Image.fromarray(src_slide.read_region((0, top), 0, (crop + 64, crop + 64)))
     downsamples = [1]
     while side / downsamples[-1] > 2048:
         downsamples.append(downsamples[-1] * 4)
@@ -66,8 +67,7 @@ def make_large_slide(path: Path, *, side: int, mpp: float = 0.25, tile: int = 51
     start = time.perf_counter()
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for i, ds in enumerate(downsamples):
-            level_side = math.ceil(side / ds)
-            level_side = math.ceil(level_side / tile) * tile if i else side
+            level_side = math.ceil(side / ds)  # edge tiles are padded by tifffile
             res = 1e4 / (mpp * ds)
             tif.write(
                 tiles(level_side), shape=(level_side, level_side, 3), dtype="uint8", tile=(tile, tile),

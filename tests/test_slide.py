@@ -98,10 +98,13 @@ def test_large_jpeg(shared_data):
 def test_spatialdata_image_element(shared_data):
     sd = pytest.importorskip("spatialdata")
     sdata = sd.read_zarr(shared_data / "xenium_segtraq/tests/data/xenium_sp_subset.zarr")
-    slide = hx.io.open_slide(sdata, image_key="he_image")
-    assert slide.dimensions == (527, 448) and slide.level_count == 5
-    # Xenium "global" is µm: the H&E transform gives µm/px
-    assert 0.2 < slide.mpp < 5
+    with pytest.warns(UserWarning, match="assuming"):
+        raw = hx.io.open_slide(sdata, image_key="he_image")
+    assert raw.dimensions == (527, 448) and raw.level_count == 5
+    # read_xenium records that "global" is in 0.2125 µm morphology pixels here, not µm
+    slide = hx.io.open_slide(hx.io.read_xenium(sdata), image_key="he_image")
+    assert slide.mpp == pytest.approx(raw.mpp * 0.2125, rel=1e-3)
+    assert 0.3 < slide.mpp < 0.45
     patch = slide.read_region((10, 20), 0, (16, 8))
     expected = np.moveaxis(np.asarray(sdata.images["he_image"]["scale0"]["image"][:, 20:28, 10:26]), 0, -1)
     np.testing.assert_array_equal(patch, expected)
@@ -109,3 +112,16 @@ def test_spatialdata_image_element(shared_data):
         hx.io.open_slide(sdata)
     with pytest.raises(SlideError, match="coordinate system"):
         hx.io.open_slide(sdata, image_key="he_image", coordinate_system="nope")
+
+
+def test_thumbnail_in_strips_when_no_small_level(slides_dir, monkeypatch):
+    """A slide without a small pyramid level is thumbnailed strip by strip (bounded memory)."""
+    import histoexpr.io._slide as slide_module
+
+    slide = hx.io.open_slide(slides_dir / "cmu-1-small-region.svs")
+    whole = slide.thumbnail(500).astype(float)
+    monkeypatch.setattr(slide_module, "_THUMBNAIL_READ_PIXELS", 2220 * 100)
+    strips = slide.thumbnail(500).astype(float)
+    assert strips.shape == whole.shape
+    assert np.abs(strips - whole).mean() < 4  # BOX vs bilinear resampling only
+    assert np.corrcoef(strips.ravel(), whole.ravel())[0, 1] > 0.98

@@ -24,6 +24,8 @@ import numpy as np
 _PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 #: Plausible range of µm/px for brightfield slides (outside it, a resolution tag is not trusted).
 _MPP_RANGE = (0.05, 20.0)
+#: Largest level (in pixels) read whole for a thumbnail; larger ones are read in strips.
+_THUMBNAIL_READ_PIXELS = 4096 * 4096
 
 
 class SlideError(ValueError):
@@ -136,11 +138,23 @@ class Slide:
             return self.read_region((0, 0), 0, (w0, h0))
         level = self.get_best_level_for_downsample(1 / scale)
         lw, lh = self.level_dimensions[level]
-        img = self.read_region((0, 0), level, (lw, lh))
+        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
         from PIL import Image
 
-        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
-        return np.asarray(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
+        if lw * lh <= _THUMBNAIL_READ_PIXELS:
+            img = self.read_region((0, 0), level, (lw, lh))
+            return np.asarray(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
+        # No small enough pyramid level (e.g. a flat TIFF): read in horizontal strips so that memory
+        # stays bounded by one strip, whatever the slide size.
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        rows_per_strip = max(1, int(_THUMBNAIL_READ_PIXELS // lw * th / lh))
+        ds = self.level_downsamples[level]
+        for r0 in range(0, th, rows_per_strip):
+            r1 = min(th, r0 + rows_per_strip)
+            y0, y1 = int(r0 * lh / th), max(int(r0 * lh / th) + 1, int(round(r1 * lh / th)))
+            strip = self.read_region((0, int(round(y0 * ds))), level, (lw, y1 - y0))
+            out[r0:r1] = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.BOX))
+        return out
 
     def thumbnail_scale(self, thumbnail: np.ndarray) -> float:
         """Factor mapping level-0 px to pixels of ``thumbnail`` (as in ``tissue_hires_scalef``)."""
@@ -432,10 +446,27 @@ def _open_spatialdata(source, *, mpp, slide_id, image_key, coordinate_system) ->
         raise SlideError("expected a SpatialData image element with dims (c, y, x)")
     level_dimensions = tuple((int(a.sizes["x"]), int(a.sizes["y"])) for a in levels)
     if mpp is None:
-        mpp = _element_mpp(element, coordinate_system)
+        mpp = _element_mpp(element, coordinate_system) * _um_per_unit(source, coordinate_system)
     return Slide(backend="spatialdata", path=None, mpp=_require_mpp(mpp, f"image {image_key!r}"),
                  slide_id=slide_id or image_key or "image", level_dimensions=level_dimensions,
                  element=element)
+
+
+def _um_per_unit(sdata, coordinate_system: str) -> float:
+    """µm per unit of ``coordinate_system``: recorded by :func:`histoexpr.io.read_xenium`, else assumed 1."""
+    import warnings
+
+    info = getattr(sdata, "attrs", {}).get("histoexpr", {}) if hasattr(sdata, "images") else {}
+    if info.get("coordinate_system") == coordinate_system and info.get("um_per_unit"):
+        return float(info["um_per_unit"])
+    warnings.warn(
+        f"assuming that coordinate system {coordinate_system!r} is in µm to get the image's µm/px; "
+        "pass mpp= if it is not (e.g. Xenium stores may use 0.2125 µm morphology pixels; "
+        "histoexpr.io.read_xenium records the right unit)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return 1.0
 
 
 def _element_mpp(element, coordinate_system: str) -> float | None:
