@@ -1,0 +1,204 @@
+"""K-means summary of a slide's tile features: the (K, D) input of SEQUOIA (SPEC §2).
+
+SEQUOIA clusters each slide's tile features into K = 100 groups with k-means and feeds the
+per-cluster mean features, in cluster order, to the aggregator. The published code averages
+``features[labels == k]`` for every k, which gives NaN rows when a cluster is empty (k-means on
+duplicated tiles). Here every row is finite: an empty cluster takes its k-means centre (a
+duplicate of an existing point), and fewer tiles than K is an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._constants import FEATURE_KEY_PREFIX, UNS_KEY
+from .._utils import check_finite
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+
+def _kmeans(features: np.ndarray, n_clusters: int, random_state: int, *, what: str):
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    x = np.asarray(features)
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected features of shape (n_tiles, dim), got {x.shape}")
+    check_finite(x, what=what)
+    if x.shape[0] < n_clusters:
+        raise ValueError(
+            f"{what}: {x.shape[0]} tiles but n_clusters={n_clusters}; k-means needs at least as many tiles "
+            "as clusters. Tile with a smaller tile size or lower tissue threshold, or exclude this slide."
+        )
+    x = x.astype(np.float32, copy=False)
+    km = KMeans(n_clusters=n_clusters, random_state=random_state, n_init="auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        labels = km.fit_predict(x)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return labels.astype(np.int64), km.cluster_centers_.astype(np.float32)
+
+
+def _cluster_means(x: np.ndarray, labels: np.ndarray, centers: np.ndarray, *, what: str) -> np.ndarray:
+    k, d = centers.shape
+    counts = np.bincount(labels, minlength=k)
+    sums = np.zeros((k, d), dtype=np.float64)
+    np.add.at(sums, labels, x)
+    means = np.empty((k, d), dtype=np.float32)
+    filled = counts > 0
+    means[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    if not filled.all():
+        # The upstream bug: an empty cluster's mean is NaN. Use its k-means centre instead.
+        means[~filled] = centers[~filled]
+        n_distinct = len(np.unique(x, axis=0))
+        warnings.warn(
+            f"{what}: {int((~filled).sum())} of {k} k-means clusters are empty (only {n_distinct} distinct "
+            "tile features); their rows use the k-means centres, which duplicate existing tiles.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return means
+
+
+def kmeans_means(
+    features: np.ndarray, *, n_clusters: int = 100, random_state: int = 0, return_labels: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Per-cluster mean features of one slide: k-means (seeded) → ``(n_clusters, dim)`` float32.
+
+    Parameters
+    ----------
+    features
+        ``(n_tiles, dim)`` tile features of one slide.
+    n_clusters
+        K (SEQUOIA: 100).
+    random_state
+        Seed of :class:`sklearn.cluster.KMeans` (k-means++ initialisation).
+    return_labels
+        Also return the cluster label of each tile.
+
+    Returns
+    -------
+    ``means`` of shape ``(n_clusters, dim)``, row k = mean feature of the tiles in cluster k;
+    never NaN (an empty cluster takes its k-means centre, with a warning). With
+    ``return_labels=True``: ``(means, labels)``.
+
+    Raises
+    ------
+    ValueError
+        Fewer tiles than ``n_clusters``, or NaN/inf features.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from histoexpr.pp import kmeans_means
+    >>> x = np.random.default_rng(0).normal(size=(500, 16))
+    >>> kmeans_means(x, n_clusters=100).shape
+    (100, 16)
+    """
+    x = np.asarray(features, dtype=np.float32)
+    labels, centers = _kmeans(x, n_clusters, random_state, what="features")
+    means = _cluster_means(x, labels, centers, what="features")
+    return (means, labels) if return_labels else means
+
+
+def _default_rep(adata: AnnData) -> str:
+    key = adata.uns.get(UNS_KEY, {}).get("feature_key")
+    if key is not None and key in adata.obsm:
+        return key
+    keys = [k for k in adata.obsm if k.startswith(FEATURE_KEY_PREFIX)]
+    if len(keys) == 1:
+        return keys[0]
+    raise ValueError(
+        f"cannot tell which features to cluster (obsm keys: {list(adata.obsm)}); pass use_rep=, e.g. "
+        "use_rep='X_uni', or run histoexpr.pp.extract_features first"
+    )
+
+
+def cluster_features(
+    adata: AnnData,
+    *,
+    use_rep: str | None = None,
+    n_clusters: int = 100,
+    random_state: int = 0,
+    key_added: str = "kmeans",
+    copy: bool = False,
+) -> AnnData | None:
+    """K-means of each slide's tile features and the per-cluster means SEQUOIA takes as input.
+
+    Each slide (``obs["slide_id"]``; the whole AnnData when absent) is clustered separately with
+    :class:`sklearn.cluster.KMeans` (k-means++, seeded), as in SEQUOIA.
+
+    Parameters
+    ----------
+    adata
+        Tiles AnnData with features in ``obsm[use_rep]``.
+    use_rep
+        ``obsm`` key of the features; default ``uns["histoexpr"]["feature_key"]`` or the only
+        ``obsm["X_*"]``.
+    n_clusters
+        K (SEQUOIA: 100). Every slide needs at least K tiles.
+    random_state
+        Seed of the k-means initialisation.
+    key_added
+        Where results go: ``obs[key_added]`` and ``uns[key_added]``.
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy when ``copy=True``. Sets
+
+    * ``obs[key_added]``: categorical cluster label (``"0"`` … ``"K-1"``) of each tile, per slide;
+    * ``uns[key_added]``: ``{"params": {"use_rep", "n_clusters", "random_state"},
+      "means": {slide_id: (K, D) float32}}``; row k of a slide's means is the mean feature of its
+      cluster k (never NaN: empty clusters take the k-means centre, with a warning).
+
+    Raises
+    ------
+    ValueError
+        A slide with fewer tiles than ``n_clusters``, or NaN/inf features (the message names them).
+
+    Example
+    -------
+    >>> import histoexpr as hx
+    >>> hx.pp.cluster_features(tiles, use_rep="X_uni")  # doctest: +SKIP
+    >>> tiles.uns["kmeans"]["means"]["slide-1"].shape  # doctest: +SKIP
+    (100, 1024)
+    """
+    import pandas as pd
+
+    adata = adata.copy() if copy else adata
+    rep = use_rep or _default_rep(adata)
+    if rep not in adata.obsm:
+        raise KeyError(f"obsm[{rep!r}] not found; obsm keys: {list(adata.obsm)}")
+    x = np.asarray(adata.obsm[rep])
+    if "slide_id" in adata.obs:
+        slide_ids = adata.obs["slide_id"].astype(str).to_numpy()
+    else:
+        slide_ids = np.full(adata.n_obs, str(adata.uns.get(UNS_KEY, {}).get("slide_id", "slide_0")), dtype=object)
+    labels = np.empty(adata.n_obs, dtype=np.int64)
+    means: dict[str, np.ndarray] = {}
+    for sid in pd.unique(slide_ids):
+        rows = np.flatnonzero(slide_ids == sid)
+        what = f"obsm[{rep!r}] of slide {sid!r}"
+        xs = x[rows].astype(np.float32, copy=False)
+        if not np.isfinite(xs).all():
+            bad = adata.obs_names[rows[~np.isfinite(xs).all(axis=1)]]
+            raise ValueError(
+                f"{what}: {len(bad)} tiles have NaN/inf features, e.g. {list(bad[:10])}. Re-extract or drop them."
+            )
+        lab, centers = _kmeans(xs, n_clusters, random_state, what=what)
+        means[sid] = _cluster_means(xs, lab, centers, what=what)
+        labels[rows] = lab
+    adata.obs[key_added] = pd.Categorical(labels.astype(str), categories=[str(k) for k in range(n_clusters)])
+    adata.uns[key_added] = {
+        "params": {"use_rep": rep, "n_clusters": int(n_clusters), "random_state": int(random_state)},
+        "means": means,
+    }
+    return adata if copy else None

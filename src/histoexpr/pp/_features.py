@@ -1,0 +1,603 @@
+"""Tile feature extraction: batched, pyramid-reading, resumable (SPEC §2).
+
+DataLoader workers read each tile from the slide pyramid at the encoder's input size (uint8); the
+main process moves batches to the device, normalises them there, and runs the encoder under
+``torch.inference_mode`` (plus autocast bf16/fp16 and channels-last on CUDA). With ``cache=`` the
+features go to a zarr store chunk by chunk, with a per-tile done mask, so an interrupted run picks
+up where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .._constants import FEATURE_KEY_PREFIX, UNS_KEY
+from .._utils import get_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import torch
+    from anndata import AnnData
+
+    from ..io import Slide
+    from ..models.encoders import Encoder
+
+_CACHE_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------- dataset
+class TileDataset:
+    """Map-style dataset: tile ``i`` read from ``slide`` → ``(i, tensor)``.
+
+    Built-in encoders get ``uint8 (3, S, S)`` tensors (normalised later on the device); user
+    transforms get the tile as ``uint8 (H, W, 3)`` and return what their module expects.
+    Picklable, so DataLoader workers re-open the slide themselves.
+    """
+
+    def __init__(self, slide, x0: np.ndarray, y0: np.ndarray, size0: float, out_size: int, transform, *,
+                 uint8_output: bool):
+        self.slide = slide
+        self.x0 = np.asarray(x0, dtype=np.float64)
+        self.y0 = np.asarray(y0, dtype=np.float64)
+        self.size0 = float(size0)
+        self.out_size = int(out_size)
+        self.transform = transform
+        self.uint8_output = uint8_output
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+    def read(self, i: int) -> np.ndarray:
+        return self.slide.read_tile(self.x0[i], self.y0[i], self.size0, self.out_size)
+
+    def __getitem__(self, i: int):
+        tile = self.read(i)
+        if self.uint8_output:
+            return i, self.transform.to_uint8(tile)
+        return i, self.transform(tile)
+
+
+def _chunk_batches(todo_chunks: Iterable[int], chunk: int, n: int) -> list[list[int]]:
+    return [list(range(c * chunk, min((c + 1) * chunk, n))) for c in todo_chunks]
+
+
+# ---------------------------------------------------------------------------- resumable storage
+class _MemoryStore:
+    """Features kept in memory (no ``cache=``)."""
+
+    def __init__(self, n: int, dim: int, chunk: int):
+        self.n, self.dim, self.chunk = n, dim, chunk
+        self.features = np.full((n, dim), np.nan, dtype=np.float32)
+
+    def todo_chunks(self) -> list[int]:
+        return list(range(-(-self.n // self.chunk)))
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        self.features[start : start + len(values)] = values
+
+    def read(self) -> np.ndarray:
+        return self.features
+
+
+class _ZarrStore:
+    """Features in a zarr group: ``features`` (n, D) float32 and ``done`` (n,) bool, same row chunks.
+
+    A batch is exactly one row chunk; its features are written before its done flags, so a crash
+    at any point leaves at most one chunk to redo and never a chunk marked done without features.
+    ``attrs`` fingerprint the run (tiles, slide, encoder, precision): a cache made with other
+    settings is refused rather than silently mixed.
+    """
+
+    def __init__(self, path: str | os.PathLike, n: int, dim: int, chunk: int, meta: dict):
+        import zarr
+
+        self.path = Path(path)
+        root = zarr.open_group(str(self.path), mode="a")
+        old = dict(root.attrs)
+        if old.get("histoexpr_features_cache"):
+            fields = ("fingerprint", "n_tiles", "dim")
+            if any(old.get(k) != meta[k] for k in fields):
+                diff = {k: (old.get(k), meta[k]) for k in fields if old.get(k) != meta[k]}
+                raise ValueError(
+                    f"the feature cache {self.path} was made for other tiles or another encoder/weights/"
+                    f"precision ({diff}, as (cache, now)). Use another cache path, or delete it to start over."
+                )
+            chunk = int(old["chunk_rows"])
+        else:
+            root.attrs.update({**meta, "chunk_rows": int(chunk), "histoexpr_features_cache": _CACHE_FORMAT})
+        if "features" not in root:
+            root.create_array("features", shape=(n, dim), chunks=(chunk, dim), dtype="float32",
+                              fill_value=np.nan, overwrite=True)
+        if "done" not in root:
+            root.create_array("done", shape=(n,), chunks=(chunk,), dtype="bool", fill_value=False,
+                              overwrite=True)
+        self.root, self.n, self.dim, self.chunk = root, n, dim, chunk
+
+    def todo_chunks(self) -> list[int]:
+        done = self.root["done"][:]
+        n_chunks = -(-self.n // self.chunk)
+        return [c for c in range(n_chunks) if not done[c * self.chunk : (c + 1) * self.chunk].all()]
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        stop = start + len(values)
+        self.root["features"][start:stop] = values
+        self.root["done"][start:stop] = True
+
+    def read(self) -> np.ndarray:
+        return np.asarray(self.root["features"][:], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _tile_info(adata: AnnData) -> dict:
+    info = adata.uns.get(UNS_KEY, {})
+    missing_obs = [c for c in ("x0", "y0") if c not in adata.obs]
+    if missing_obs or "tile_size_level0" not in info:
+        raise ValueError(
+            "expected a tiles AnnData from histoexpr.pp.tile (obs 'x0', 'y0' and "
+            "uns['histoexpr']['tile_size_level0']); missing: "
+            + ", ".join([f"obs[{c!r}]" for c in missing_obs]
+                        + (["uns['histoexpr']['tile_size_level0']"] if "tile_size_level0" not in info else []))
+        )
+    if "slide_id" in adata.obs and adata.obs["slide_id"].nunique() > 1:
+        raise ValueError(
+            f"this AnnData holds tiles of {adata.obs['slide_id'].nunique()} slides; extract features per slide "
+            "(histoexpr.pp.extract_features_cohort does this for a list of slides), then concatenate."
+        )
+    if adata.n_obs == 0:
+        raise ValueError("the tiles AnnData is empty (no tissue tiles); nothing to extract")
+    return info
+
+
+def _resolve_slide(slide, info: dict):
+    from ..io import open_slide
+
+    if slide is None:
+        path = info.get("slide_path")
+        if not path:
+            raise ValueError(
+                "no slide given and uns['histoexpr']['slide_path'] is not set; pass the slide "
+                "(a path or histoexpr.io.open_slide(...)) as the second argument"
+            )
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"the slide these tiles came from, {path}, is not there any more; pass its new location as "
+                "extract_features(adata, slide='/new/path/slide.svs')"
+            )
+        slide = path
+    if isinstance(slide, str | os.PathLike):
+        slide = open_slide(slide, mpp=info.get("slide_mpp"))
+    dims = info.get("level0_dimensions")
+    if dims is not None and tuple(int(v) for v in dims) != tuple(int(v) for v in slide.dimensions):
+        raise ValueError(
+            f"the slide ({slide.dimensions[0]}×{slide.dimensions[1]} px) is not the one these tiles were cut "
+            f"from ({dims[0]}×{dims[1]} px, {info.get('slide_path')})"
+        )
+    return slide
+
+
+def _autocast_dtype(precision: str, device: torch.device):
+    import torch
+
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _feature_key(name: str) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in name)
+    return f"{FEATURE_KEY_PREFIX}{safe}"
+
+
+def _tiles_fingerprint(adata: AnnData, info: dict, out_size: int) -> str:
+    h = hashlib.sha1()
+    h.update(np.ascontiguousarray(adata.obs["x0"].to_numpy(np.float64)).tobytes())
+    h.update(np.ascontiguousarray(adata.obs["y0"].to_numpy(np.float64)).tobytes())
+    h.update("|".join(map(str, adata.obs_names)).encode())
+    h.update(f"{info.get('tile_size_level0')}|{out_size}|{info.get('slide_id')}".encode())
+    return h.hexdigest()[:16]
+
+
+def _is_spatialdata(obj) -> bool:
+    return hasattr(obj, "tables") and hasattr(obj, "images")
+
+
+def _spatialdata_table(sdata, table_key: str | None) -> str:
+    if table_key is not None:
+        if table_key not in sdata.tables:
+            raise KeyError(f"table {table_key!r} not in this SpatialData; tables: {list(sdata.tables)}")
+        return table_key
+    candidates = [k for k, t in sdata.tables.items()
+                  if "tile_size_level0" in t.uns.get(UNS_KEY, {}) and {"x0", "y0"} <= set(t.obs)]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"cannot tell which table holds the tiles (candidates: {candidates}, tables: {list(sdata.tables)}); "
+            "pass table_key="
+        )
+    return candidates[0]
+
+
+# ---------------------------------------------------------------------------- main entry point
+def extract_features(
+    adata_tiles,
+    slide: Slide | str | os.PathLike | None = None,
+    *,
+    encoder: str | Any = "uni",
+    weights: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    precision: Literal["bf16", "fp16", "fp32"] | None = None,
+    key_added: str | None = None,
+    cache: str | os.PathLike | None = None,
+    table_key: str | None = None,
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Encode every tile with a pretrained encoder; features go to ``obsm["X_<encoder>"]``.
+
+    Tiles are read from the slide pyramid by DataLoader workers at the encoder's input size
+    (e.g. a 256 px tile at 0.5 µm/px → 224 px for UNI), batched, and encoded on ``device``. On
+    CUDA: pinned memory, normalisation on the GPU, channels-last, autocast in the encoder's
+    precision (bf16 when supported, else fp16) and ``torch.inference_mode``.
+
+    Parameters
+    ----------
+    adata_tiles
+        Tiles AnnData from :func:`histoexpr.pp.tile` (obs ``x0``, ``y0``;
+        ``uns["histoexpr"]["tile_size_level0"]``), or a :class:`spatialdata.SpatialData` with such
+        a tiles table (features are then written into that table's ``obsm``).
+    slide
+        The slide the tiles were cut from: a :class:`histoexpr.io.Slide` or a path. Default:
+        ``uns["histoexpr"]["slide_path"]``, opened with ``slide_mpp``.
+    encoder
+        A registered name (``"uni"``, ``"resnet50"``), any timm model name, a
+        :class:`torch.nn.Module`, or an :class:`~histoexpr.models.encoders.Encoder` from
+        :func:`histoexpr.models.get_encoder`.
+    weights
+        Encoder weights: local file/folder, ``"hf-hub:org/name"`` or ``"random"`` (tests only).
+        See :func:`histoexpr.models.get_encoder`; without weights and offline, a clear error says
+        what to download.
+    batch_size
+        Tiles per forward pass; default 256 on CUDA, 32 on CPU. With ``cache=``, a resumed run keeps
+        the batch size the cache was created with.
+    num_workers
+        DataLoader worker processes reading tiles; default ``min(16, cpus - 1)`` on CUDA,
+        ``min(2, cpus - 1)`` on CPU. 0 reads in the main process.
+    device
+        ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
+    precision
+        Override the encoder's preferred CUDA precision (``"bf16"``, ``"fp16"``, ``"fp32"``).
+        The CPU always runs in fp32.
+    key_added
+        ``obsm`` key; default ``"X_<encoder name>"``.
+    cache
+        Path of a zarr store receiving features batch by batch. If it exists (same tiles, encoder,
+        weights and precision), finished batches are not recomputed: an interrupted run resumes.
+    table_key
+        With SpatialData input: the tiles table (found automatically when there is one).
+    progress
+        Show a tqdm progress bar.
+    copy
+        Return a copy with the features instead of writing into ``adata_tiles``.
+
+    Returns
+    -------
+    ``None`` (features written into ``adata_tiles``), or the updated copy when ``copy=True``
+    (the tiles table when the input is SpatialData). Sets ``obsm[key_added]`` (float32,
+    n_tiles × dim) and ``uns["histoexpr"]``: ``encoder``, ``encoder_weights``, ``encoder_dim``,
+    ``encoder_input_size``, ``encoder_precision``, ``feature_key``.
+
+    Raises
+    ------
+    ValueError
+        When features contain NaN/inf (the message names the tiles), or the cache was made with
+        other settings.
+
+    Example
+    -------
+    >>> import histoexpr as hx
+    >>> slide = hx.io.open_slide("slide.svs")  # doctest: +SKIP
+    >>> tiles = hx.pp.tile(slide)  # doctest: +SKIP
+    >>> hx.pp.extract_features(tiles, slide, encoder="uni", weights="uni/pytorch_model.bin",
+    ...                        cache="slide.features.zarr")  # doctest: +SKIP
+    >>> tiles.obsm["X_uni"].shape  # doctest: +SKIP
+    (3120, 1024)
+    """
+    if _is_spatialdata(adata_tiles):
+        sdata = adata_tiles
+        key = _spatialdata_table(sdata, table_key)
+        table = sdata.tables[key]
+        if slide is None:
+            slide = _slide_from_spatialdata(sdata, key, table.uns.get(UNS_KEY, {}))
+        target = table.copy() if copy else table
+        extract_features(target, slide, encoder=encoder, weights=weights, batch_size=batch_size,
+                         num_workers=num_workers, device=device, precision=precision, key_added=key_added,
+                         cache=cache, progress=progress, copy=False)
+        if copy:
+            return target
+        from ..io import write_element_safely
+
+        write_element_safely(sdata, key)  # no-op unless sdata is backed by a zarr store
+        return None
+
+    import torch
+
+    from ..models.encoders import TileTransform, get_encoder
+
+    adata = adata_tiles.copy() if copy else adata_tiles
+    info = _tile_info(adata)
+    slide = _resolve_slide(slide, info)
+    enc = get_encoder(encoder, weights=weights, precision=precision)
+    dev = get_device(device)
+    on_cuda = dev.type == "cuda"
+    batch_size = int(batch_size or (256 if on_cuda else 32))
+    if num_workers is None:
+        cpus = os.cpu_count() or 1
+        num_workers = max(0, min(16 if on_cuda else 2, cpus - 1))
+    key = key_added or _feature_key(enc.name)
+
+    fast = isinstance(enc.transform, TileTransform)
+    out_size = enc.transform.size if fast else int(info.get("tile_size", enc.input_size))
+    dataset = TileDataset(slide, adata.obs["x0"].to_numpy(), adata.obs["y0"].to_numpy(),
+                          info["tile_size_level0"], out_size, enc.transform, uint8_output=fast)
+    n = adata.n_obs
+    amp_dtype = _autocast_dtype(enc.precision, dev)
+    effective_precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    enc_info = {**enc.info(), "encoder_precision": effective_precision}
+    if cache is not None:
+        meta = {
+            "fingerprint": f"{_tiles_fingerprint(adata, info, out_size)}-{enc.fingerprint()}-{effective_precision}",
+            "n_tiles": n, "dim": int(enc.dim), **enc_info,
+        }
+        store: _ZarrStore | _MemoryStore = _ZarrStore(cache, n, enc.dim, batch_size, meta)
+    else:
+        store = _MemoryStore(n, enc.dim, batch_size)
+    todo = store.todo_chunks()
+    batches = _chunk_batches(todo, store.chunk, n)
+
+    if batches:
+        _run_batches(enc, dataset, batches, store, device=dev, num_workers=num_workers, progress=progress,
+                     n_done=n - sum(map(len, batches)), n_total=n, desc=f"{enc.name} features")
+    features = store.read()
+
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        names = adata.obs_names[bad]
+        hint = (" The encoder ran in fp16/bf16 autocast; precision='fp32' avoids overflow."
+                if on_cuda and enc.precision != "fp32" else "")
+        where = f" (features of the other tiles are cached in {cache})" if cache is not None else ""
+        err = ValueError(
+            f"{int(bad.sum())} of {n} tiles got NaN/inf features, e.g. {list(names[:10])}{where}. Check those "
+            "tiles (corrupt slide regions?) and drop them: the full list is this error's `.tiles`, e.g. "
+            f"adata = adata[~adata.obs_names.isin(err.tiles)].{hint}"
+        )
+        err.tiles = list(names)
+        raise err
+    adata.obsm[key] = features.astype(np.float32, copy=False)
+    uns = adata.uns.setdefault(UNS_KEY, {})
+    uns.update(enc_info)
+    uns["feature_key"] = key
+    uns.setdefault("features", {})[key] = enc_info
+    return adata if copy else None
+
+
+def _run_batches(enc: Encoder, dataset: TileDataset, batches: list[list[int]], store, *, device, num_workers: int,
+                 progress: bool, n_done: int, n_total: int, desc: str) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    on_cuda = device.type == "cuda"
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=on_cuda,
+        prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
+    )
+    first = next(iter(enc.module.parameters()), None)
+    home = first.device if first is not None else torch.device("cpu")
+    module = enc.module.to(device).eval()
+    if on_cuda:
+        module = module.to(memory_format=torch.channels_last)
+    amp_dtype = _autocast_dtype(enc.precision, device)
+    autocast = (torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    normalize = enc.transform.normalize if dataset.uint8_output else None
+    bar = tqdm(total=n_total, initial=n_done, unit="tile", desc=desc, disable=not progress, smoothing=0.1)
+
+    def flush(pending) -> None:
+        start, host, event = pending
+        if event is not None:
+            event.synchronize()
+        store.write(start, host.numpy())
+        bar.update(len(host))
+
+    pending = None
+    try:
+        with torch.inference_mode(), autocast:
+            for idx, x in loader:
+                x = x.to(device, non_blocking=True)
+                if normalize is not None:
+                    x = normalize(x)
+                if on_cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = module(x)
+                if out.ndim != 2 or out.shape[1] != enc.dim:
+                    raise ValueError(
+                        f"encoder {enc.name!r} returned shape {tuple(out.shape)}, expected (batch, {enc.dim})"
+                    )
+                # On CUDA the copy back is queued behind this batch's forward; the previous batch is
+                # written while this one computes, so the GPU does not wait for the host.
+                host = out.float().to("cpu", non_blocking=on_cuda)
+                if not on_cuda:
+                    flush((int(idx[0]), host, None))
+                    continue
+                event = torch.cuda.Event()
+                event.record()
+                if pending is not None:
+                    flush(pending)
+                pending = (int(idx[0]), host, event)
+            if pending is not None:
+                flush(pending)
+    finally:
+        bar.close()
+        if home != device:
+            enc.module.to(home)  # give the GPU memory back; the module is where the caller had it
+
+
+def _slide_from_spatialdata(sdata, table_key: str, info: dict):
+    from ..io import open_slide
+
+    image_key = info.get("image_key")
+    if image_key is None and table_key.endswith("_tiles_table"):
+        # add_tiles_to_spatialdata names the table "<image_key>_tiles_table".
+        candidate = table_key.removesuffix("_tiles_table")
+        image_key = candidate if candidate in sdata.images else None
+    path = info.get("slide_path")
+    if image_key is None and path and Path(path).is_file():
+        return open_slide(path, mpp=info.get("slide_mpp"))
+    return open_slide(sdata, image_key=image_key, mpp=info.get("slide_mpp"),
+                      slide_id=info.get("slide_id"))
+
+
+# ---------------------------------------------------------------------------- cohorts
+def extract_features_cohort(
+    slides: Iterable[str | os.PathLike | Slide] | Mapping[str, str | os.PathLike | Slide],
+    *,
+    out_dir: str | os.PathLike,
+    encoder: str | Any = "uni",
+    weights: str | os.PathLike | None = None,
+    mpp: float | Mapping[str, float] | None = None,
+    tile_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    precision: Literal["bf16", "fp16", "fp32"] | None = None,
+    key_added: str | None = None,
+    format: Literal["h5ad", "zarr"] = "h5ad",
+    overwrite: bool = False,
+    errors: Literal["raise", "warn"] = "warn",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Tile and featurise a list of slides, one file per slide; finished slides are skipped.
+
+    For each slide: :func:`histoexpr.pp.tile`, then :func:`extract_features` with a per-slide
+    zarr cache in ``out_dir`` (so an interrupted slide resumes), then ``<slide_id>.h5ad`` (or
+    ``.zarr``) is written atomically (temporary name, then rename) and the cache removed. Re-running
+    the same call after a crash redoes only what is missing. The encoder is loaded once.
+
+    To spread a cohort over machines, map this function over slides with Dask (see
+    ``docs/features.md``); each task writes its own files, so no coordination is needed.
+
+    Parameters
+    ----------
+    slides
+        Slide paths (or :class:`histoexpr.io.Slide` objects), or a mapping ``slide_id → path``.
+    out_dir
+        Output folder (created).
+    encoder, weights, batch_size, num_workers, device, precision, key_added
+        As in :func:`extract_features`.
+    mpp
+        µm per level-0 pixel for slides without it in their metadata (one value, or per slide id).
+    tile_kwargs
+        Keyword arguments of :func:`histoexpr.pp.tile` (``tile_size``, ``mpp``, ``max_tiles``, ...).
+    format
+        ``"h5ad"`` or ``"zarr"`` (AnnData zarr).
+    overwrite
+        Recompute slides whose output exists.
+    errors
+        ``"warn"``: record a failing slide in the summary, warn, and go on; ``"raise"``: stop.
+    progress
+        Progress bars.
+
+    Returns
+    -------
+    A :class:`pandas.DataFrame`, one row per slide: ``slide_id``, ``path``, ``status``
+    (``"done"``, ``"skipped"`` (output existed), ``"failed"`` (e.g. no tissue found; the reason is
+    in ``error``)), ``n_tiles``, ``seconds``, ``output``, ``error``.
+
+    Example
+    -------
+    >>> import histoexpr as hx
+    >>> summary = hx.pp.extract_features_cohort(
+    ...     ["a.svs", "b.svs"], out_dir="features/", encoder="uni", weights="uni/pytorch_model.bin"
+    ... )  # doctest: +SKIP
+    >>> summary[["slide_id", "status", "n_tiles"]]  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    from ..io import open_slide
+    from ..models.encoders import get_encoder
+
+    if format not in ("h5ad", "zarr"):
+        raise ValueError(f"format must be 'h5ad' or 'zarr', got {format!r}")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    items = list(slides.items()) if isinstance(slides, Mapping) else [(None, s) for s in slides]
+    enc = None
+    rows = []
+    for given_id, source in items:
+        t0 = time.perf_counter()
+        row = {"slide_id": given_id, "path": None if not isinstance(source, str | os.PathLike) else str(source),
+               "status": None, "n_tiles": 0, "seconds": 0.0, "output": None, "error": None}
+        try:
+            slide_mpp = mpp.get(given_id) if isinstance(mpp, Mapping) else mpp
+            if isinstance(source, str | os.PathLike):
+                slide = open_slide(source, mpp=slide_mpp, slide_id=given_id)
+            else:
+                slide = source
+                row["path"] = str(slide.path) if slide.path is not None else None
+            row["slide_id"] = slide_id = given_id or slide.slide_id
+            target = out / f"{slide_id}.{format}"
+            row["output"] = str(target)
+            if target.exists() and not overwrite:
+                row["status"] = "skipped"
+                rows.append(row)
+                continue
+            from . import tile
+
+            tiles = tile(slide, **dict(tile_kwargs or {}))
+            row["n_tiles"] = int(tiles.n_obs)
+            if tiles.n_obs == 0:
+                row["status"] = "no tissue"
+                rows.append(row)
+                continue
+            if enc is None:
+                enc = get_encoder(encoder, weights=weights, precision=precision)
+            cache = out / f".{slide_id}.features.zarr"
+            extract_features(tiles, slide, encoder=enc, batch_size=batch_size, num_workers=num_workers,
+                             device=device, key_added=key_added, cache=cache, progress=progress)
+            _write_atomic(tiles, target, format)
+            shutil.rmtree(cache, ignore_errors=True)
+            row["status"] = "done"
+        except Exception as e:
+            if errors == "raise":
+                raise
+            row["status"], row["error"] = "failed", f"{type(e).__name__}: {e}"
+            warnings.warn(f"slide {row['slide_id'] or row['path']} failed: {row['error']}", stacklevel=2)
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["slide_id", "path", "status", "n_tiles", "seconds", "output", "error"])
+
+
+def _write_atomic(adata: AnnData, target: Path, format: str) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if format == "h5ad":
+        adata.write_h5ad(tmp)
+    else:
+        adata.write_zarr(tmp)
+    if target.exists():  # overwrite=True
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    os.replace(tmp, target)
