@@ -1,0 +1,269 @@
+"""Spatial co-expression of gene modules and per-tile gene-set scores."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._genesets import load_gene_sets
+
+
+@dataclass
+class ModuleCoexpression:
+    """Result of :func:`module_coexpression`.
+
+    Attributes
+    ----------
+    corr
+        Gene × gene Pearson correlation of the predicted maps, averaged over slides (genes in the
+        hierarchical-clustering order).
+    module
+        Module of each gene (``"a|b"`` when a gene is in several modules), in ``corr`` order.
+    order
+        The genes in clustering order (same as ``corr.index``).
+    linkage
+        SciPy linkage matrix of the clustering (average linkage on ``1 - corr``).
+    n_slides
+        Number of slides averaged, per gene pair (DataFrame like ``corr``).
+    within_between
+        Mean correlation of gene pairs within the same module vs between modules, per module.
+    """
+
+    corr: pd.DataFrame
+    module: pd.Series
+    order: list[str]
+    linkage: np.ndarray
+    n_slides: pd.DataFrame
+    within_between: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def _as_slides(adata_or_list, slide_key: str) -> list:
+    items = list(adata_or_list) if isinstance(adata_or_list, list | tuple) else [adata_or_list]
+    slides = []
+    for item in items:
+        if not hasattr(item, "obs"):
+            raise TypeError("module_coexpression takes an AnnData or a list of AnnData (one per slide).")
+        if slide_key in item.obs and item.obs[slide_key].nunique() > 1:
+            for _, idx in item.obs.groupby(slide_key, observed=True).indices.items():
+                slides.append(item[idx])
+        else:
+            slides.append(item)
+    return slides
+
+
+def _values(adata, genes: Sequence[str], layer: str | None) -> np.ndarray:
+    from scipy import sparse
+
+    mat = adata.layers[layer] if layer is not None else adata.X
+    sub = mat[:, adata.var_names.get_indexer(list(genes))]
+    sub = sub.toarray() if sparse.issparse(sub) else np.asarray(sub)
+    return sub.astype(np.float64)
+
+
+def module_coexpression(
+    adata_or_list,
+    *,
+    modules: str | Path | Mapping[str, Iterable[str]] = "neftel_meta",
+    slide_key: str = "slide_id",
+    layer: str | None = None,
+    min_slides: int = 1,
+    method: str = "average",
+) -> ModuleCoexpression:
+    """Spatial co-expression of module genes: per-slide gene × gene correlation, averaged, clustered.
+
+    As in SEQUOIA (Fig. 5d): for each slide the tile-level maps of every pair of module genes are
+    correlated (Pearson across tiles), the matrices are averaged over slides and the genes ordered by
+    hierarchical clustering. Genes that belong to one module should cluster together.
+
+    Parameters
+    ----------
+    adata_or_list
+        Predicted (or measured) maps, tiles × genes: one AnnData, several slides in one AnnData
+        (``obs[slide_key]``), or a list of AnnData.
+    modules
+        ``"neftel_meta"`` (AC-like, MES-like, lineage development, cell cycle; SEQUOIA Fig. 5d),
+        ``"neftel"`` (the six Neftel 2019 modules), any other :func:`load_gene_sets` source or a dict.
+    slide_key
+        ``obs`` column with slide ids when one AnnData holds several slides.
+    layer
+        Layer to read instead of ``X``.
+    min_slides
+        Gene pairs with a defined correlation on fewer slides are NaN.
+    method
+        Linkage method for :func:`scipy.cluster.hierarchy.linkage`.
+
+    Returns
+    -------
+    :class:`ModuleCoexpression`; plot it with :func:`histoexpr.pl.module_correlation`.
+
+    Example
+    -------
+    >>> res = hx.metrics.module_coexpression(pred_slides, modules="neftel_meta")
+    >>> res.within_between
+    """
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    sets = load_gene_sets(modules)
+    slides = _as_slides(adata_or_list, slide_key)
+    present = set.intersection(*(set(s.var_names) for s in slides))
+    gene_module: dict[str, list[str]] = {}
+    for name, genes in sets.items():
+        for g in genes:
+            if g in present:
+                gene_module.setdefault(g, []).append(name)
+    genes = list(gene_module)
+    if len(genes) < 2:
+        raise ValueError(
+            f"Fewer than 2 module genes are in every slide ({len(genes)} found). Check that var_names are gene "
+            "symbols and that the modules match the predicted panel."
+        )
+    n_missing = len({g for v in sets.values() for g in v}) - len(genes)
+    if n_missing:
+        warnings.warn(
+            f"{n_missing} module genes are not in every slide and are left out.", UserWarning, stacklevel=2
+        )
+    total = np.zeros((len(genes), len(genes)))
+    count = np.zeros_like(total)
+    for s in slides:
+        values = _values(s, genes, layer)
+        values = values[np.isfinite(values).all(1)]
+        if values.shape[0] < 3:
+            continue
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = np.corrcoef(values, rowvar=False)
+        corr = np.atleast_2d(corr)
+        ok = np.isfinite(corr)
+        total[ok] += corr[ok]
+        count += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count >= max(min_slides, 1), total / count, np.nan)
+    # genes that never vary have no correlation: leave them out of the clustering
+    defined = np.isfinite(mean).sum(1) > 1
+    if defined.sum() < 2:
+        raise ValueError("Fewer than 2 module genes vary across tiles; no co-expression to compute.")
+    dropped = [g for g, d in zip(genes, defined) if not d]
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} module genes are constant on every slide and are left out (e.g. {dropped[:5]}).",
+            UserWarning,
+            stacklevel=2,
+        )
+    genes = [g for g, d in zip(genes, defined) if d]
+    mean = mean[np.ix_(defined, defined)]
+    count = count[np.ix_(defined, defined)]
+    dist = 1.0 - np.nan_to_num(mean, nan=0.0)
+    np.fill_diagonal(dist, 0.0)
+    dist = np.clip((dist + dist.T) / 2, 0.0, 2.0)
+    link = linkage(squareform(dist, checks=False), method=method)
+    order_idx = leaves_list(link)
+    order = [genes[i] for i in order_idx]
+    corr = pd.DataFrame(mean, index=genes, columns=genes).loc[order, order]
+    n_slides = pd.DataFrame(count.astype(int), index=genes, columns=genes).loc[order, order]
+    module = pd.Series({g: "|".join(gene_module[g]) for g in order}, name="module").loc[order]
+    return ModuleCoexpression(
+        corr=corr,
+        module=module,
+        order=order,
+        linkage=link,
+        n_slides=n_slides,
+        within_between=_within_between(corr, module),
+    )
+
+
+def _within_between(corr: pd.DataFrame, module: pd.Series) -> pd.DataFrame:
+    values = corr.to_numpy()
+    off_diag = ~np.eye(len(values), dtype=bool)
+    rows = {}
+    names = list(dict.fromkeys(n for label in module for n in label.split("|")))
+    for name in names:
+        inside = np.array([name in label.split("|") for label in module])
+        within = values[np.ix_(inside, inside)][off_diag[np.ix_(inside, inside)]]
+        between = values[np.ix_(inside, ~inside)].ravel()
+        rows[name] = {
+            "n_genes": int(inside.sum()),
+            "within": float(np.nanmean(within)) if within.size else np.nan,
+            "between": float(np.nanmean(between)) if between.size else np.nan,
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def score_gene_sets(
+    adata,
+    *,
+    gene_sets: str | Path | Mapping[str, Iterable[str]] | pd.DataFrame = "hallmark",
+    method: str = "ulm",
+    layer: str | None = None,
+    tmin: int = 5,
+    key_added: str = "gene_set_scores",
+    copy: bool = False,
+):
+    """Score gene sets / pathways per tile with decoupler, for plotting score maps.
+
+    Parameters
+    ----------
+    adata
+        Tiles × genes (predicted or measured expression, log scale).
+    gene_sets
+        Any :func:`load_gene_sets` source (``"hallmark"``, ``"neftel"``, ``"neftel_meta"``, a GMT path,
+        a dict, or a decoupler network with ``source``/``target`` (and optional ``weight``) columns).
+    method
+        A decoupler method in ``decoupler.mt`` (``"ulm"``, ``"mlm"``, ``"aucell"``, ``"zscore"``, ...).
+    layer
+        Layer to score instead of ``X``.
+    tmin
+        Minimum number of a set's genes present in the data; smaller sets are skipped by decoupler.
+    key_added
+        ``obsm`` key for the scores (a DataFrame tiles × sets); p-values, when the method gives them,
+        go to ``obsm[f"{key_added}_padj"]``.
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None`` or the annotated copy (``copy=True``). To map a score, copy its column to ``obs`` and use
+    ``sq.pl.spatial_scatter(adata, color=..., shape="square")``.
+
+    Example
+    -------
+    >>> hx.metrics.score_gene_sets(pred_tiles, gene_sets="neftel")
+    >>> pred_tiles.obsm["gene_set_scores"]["NEFTEL_MES1"]
+    """
+    import decoupler as dc
+    from scipy import sparse
+
+    adata = adata.copy() if copy else adata
+    mt = getattr(dc.mt, method, None)
+    if mt is None or not callable(mt):
+        raise ValueError(f"Unknown decoupler method {method!r}; choose one of {[m for m in dir(dc.mt) if not m.startswith('_')]}.")
+    if isinstance(gene_sets, pd.DataFrame) and "weight" in gene_sets.columns:
+        net = gene_sets[["source", "target", "weight"]].copy()
+    else:
+        sets = load_gene_sets(gene_sets)
+        net = pd.DataFrame(
+            [(name, g, 1.0) for name, genes in sets.items() for g in genes], columns=["source", "target", "weight"]
+        )
+    mat = adata.layers[layer] if layer is not None else adata.X
+    if mat is None or adata.n_vars == 0:
+        raise ValueError("adata has no expression in X; pass an AnnData with predicted or measured genes (or layer=).")
+    dense = mat.toarray() if sparse.issparse(mat) else np.asarray(mat)
+    if not np.isfinite(dense).all():
+        raise ValueError("The expression has NaN/inf values; impute or drop those tiles before scoring.")
+    frame = pd.DataFrame(dense, index=adata.obs_names.astype(str), columns=adata.var_names.astype(str))
+    overlap = net["target"].isin(frame.columns).groupby(net["source"]).sum()
+    if not (overlap >= tmin).any():
+        raise ValueError(
+            f"No gene set has at least tmin={tmin} genes in the data (largest overlap: {int(overlap.max())}). "
+            "Check the gene identifiers or lower tmin."
+        )
+    result = mt(frame, net, tmin=tmin)
+    scores, pvals = result if isinstance(result, tuple) else (result, None)
+    adata.obsm[key_added] = pd.DataFrame(scores.to_numpy(), index=adata.obs_names, columns=scores.columns)
+    if pvals is not None:
+        adata.obsm[f"{key_added}_padj"] = pd.DataFrame(pvals.to_numpy(), index=adata.obs_names, columns=pvals.columns)
+    return adata if copy else None
