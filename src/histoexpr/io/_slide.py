@@ -71,6 +71,7 @@ class Slide:
         self._element = element
         self._handle: Any = None
         self._pil_levels: list[np.ndarray] | None = None
+        self._tiff: list[_TiffLevel] | bool | None = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ openslide-like API
@@ -168,6 +169,10 @@ class Slide:
             arr = _element_level(self._element, level)
             patch = np.asarray(arr[:, y : y + h, x : x + w])
             return _to_rgb_uint8(np.moveaxis(patch, 0, -1))
+        if self.backend == "tiffslide":
+            fast = self._tiff_levels()
+            if fast is not None:
+                return fast[level].read(x, y, w, h)
         handle = self._open_handle()
         # The libraries take level-0 locations and floor them back to the level's grid: choose the
         # level-0 pixel that maps exactly onto (x, y) of this level.
@@ -193,6 +198,14 @@ class Slide:
                         self._handle = openslide.OpenSlide(str(self.path))
         return self._handle
 
+    def _tiff_levels(self) -> list[_TiffLevel] | None:
+        """Direct tile decoders per level (None when the file's layout is not a plain tiled pyramid)."""
+        if self._tiff is None:
+            with self._lock:
+                if self._tiff is None:
+                    self._tiff = _open_tiff_levels(self.path, self.level_dimensions) or False
+        return self._tiff or None
+
     def _pil_level(self, level: int) -> np.ndarray:
         if self._pil_levels is None:
             with self._lock:
@@ -204,7 +217,10 @@ class Slide:
     def close(self) -> None:
         if self._handle is not None and hasattr(self._handle, "close"):
             self._handle.close()
+        if self._tiff:
+            self._tiff[0].tif.close()
         self._handle = None
+        self._tiff = None
         self._pil_levels = None
 
     def __enter__(self) -> Slide:
@@ -218,6 +234,7 @@ class Slide:
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_pil_levels"] = None
+        state["_tiff"] = None
         del state["_lock"]
         return state
 
@@ -232,6 +249,68 @@ class Slide:
             f"Slide({src!r}, {w}×{h} px, {self.mpp:.4g} µm/px, {self.level_count} level(s), "
             f"backend={self.backend!r})"
         )
+
+
+class _TiffLevel:
+    """Reads regions of one tiled TIFF page by decoding only the tiles it needs.
+
+    tiffslide reads through a zarr store, which costs ~15 ms per region here; seeking to the tiles
+    and decoding them with tifffile/imagecodecs costs ~1 ms per tile (benchmarks/bench_features.py).
+    Recently decoded tiles are kept in a small LRU cache, as neighbouring regions share tiles.
+    """
+
+    def __init__(self, tif, page, cache_tiles: int = 128):
+        from functools import lru_cache
+
+        self.tif = tif
+        self.page = page
+        self.th, self.tw = page.tilelength, page.tilewidth
+        self.height, self.width = page.imagelength, page.imagewidth
+        self.n_across = -(-self.width // self.tw)
+        self._tile = lru_cache(maxsize=cache_tiles)(self._decode_tile)
+
+    def _decode_tile(self, index: int) -> np.ndarray:
+        fh = self.tif.filehandle
+        offset, count = self.page.dataoffsets[index], self.page.databytecounts[index]
+        if count == 0:  # sparse file: a tile that was never written
+            return np.full((self.th, self.tw, 3), 255, np.uint8)
+        with fh.lock:
+            fh.seek(offset)
+            data = fh.read(count)
+        tile = self.page.decode(data, index, jpegtables=self.page.jpegtables)[0]
+        return _to_rgb_uint8(np.asarray(tile).reshape(self.th, self.tw, -1))
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        for ty in range(y // self.th, (y + h - 1) // self.th + 1):
+            for tx in range(x // self.tw, (x + w - 1) // self.tw + 1):
+                tile = self._tile(ty * self.n_across + tx)
+                oy0, ox0 = ty * self.th, tx * self.tw
+                ys, ye = max(y, oy0), min(y + h, oy0 + self.th)
+                xs, xe = max(x, ox0), min(x + w, ox0 + self.tw)
+                out[ys - y : ye - y, xs - x : xe - x] = tile[ys - oy0 : ye - oy0, xs - ox0 : xe - ox0]
+        return out
+
+
+def _open_tiff_levels(path: Path, level_dimensions) -> list[_TiffLevel] | None:
+    """Tile decoders for every level, or None if any level is not a plain tiled RGB page."""
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+        levels = tif.series[0].levels
+        pages = [lvl.keyframe for lvl in levels]
+        ok = len(pages) == len(level_dimensions) and all(
+            p.is_tiled and p.planarconfig == 1 and p.imagedepth == 1 and p.samplesperpixel in (3, 4)
+            and p.dtype == np.uint8 and (p.imagewidth, p.imagelength) == tuple(dims)
+            for p, dims in zip(pages, level_dimensions)
+        )
+        if not ok:
+            tif.close()
+            return None
+        return [_TiffLevel(tif, p) for p in pages]
+    except Exception:  # noqa: BLE001 - fall back to tiffslide's reader
+        return None
 
 
 def open_slide(
