@@ -39,6 +39,12 @@ print(json.dumps({"dimensions": slide.dimensions, "levels": slide.level_count, "
 """
 
 
+_CHILD_IMPORTS = r"""
+import histoexpr as hx, histoexpr.pp, skimage.exposure, anndata
+print(int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) / 1024)
+"""
+
+
 def make_large_slide(path: Path, *, side: int, mpp: float = 0.25, tile: int = 512) -> dict:
     """Write a pyramidal JPEG TIFF of ``side`` × ``side`` px, upscaled tile by tile from the source."""
     import numpy as np
@@ -88,9 +94,12 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         path = Path(tmp) / "upscaled.tiff"
         made = make_large_slide(path, side=side)
-        out = subprocess.run([sys.executable, "-c", _CHILD_TILING, str(path)], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _CHILD_TILING, str(path)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"tiling process failed:\n{out.stderr[-3000:]}")
         measured = json.loads(out.stdout.strip().splitlines()[-1])
+        base = subprocess.run([sys.executable, "-c", _CHILD_IMPORTS], capture_output=True, text=True, check=True)
+        measured["rss_after_imports_mb"] = float(base.stdout.strip().splitlines()[-1])
     return {
         "what": "open + detect_tissue + tile (256 px at 0.5 µm/px, contrast filter on) a generated "
                 "pyramidal slide upscaled from cmu-1-small-region.svs, in a fresh process",
