@@ -12,9 +12,9 @@ PYTHON = "3.11"
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 
 
-def _install(session: nox.Session, extras: str) -> None:
+def _install(session: nox.Session, extras: str | None = None) -> None:
     session.install(*TORCH)
-    session.install("-e", f".[{extras}]")
+    session.install("-e", f".[{extras}]" if extras else ".")
 
 
 @nox.session(python=PYTHON)
@@ -28,7 +28,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """Run the main job on the built-in real demo dataset; outputs go to ``demo_output/``."""
-    _install(session, "test")
+    _install(session)
     session.run("python", "-m", "histoexpr.demo", "--out", "demo_output", *session.posargs,
                 env={"MPLBACKEND": "Agg"})
 

@@ -132,11 +132,10 @@ def detect_tissue(slide: Slide, *, max_size: int = 2048, min_channel: int = 50, 
 def mask_to_polygons(mask: np.ndarray, downsample: tuple[float, float], *, min_pixels: int = 4):
     """Connected tissue regions of ``mask`` as polygons (with holes) in level-0 pixel coordinates."""
     import geopandas as gpd
+    from scipy import ndimage
     from shapely.affinity import scale
     from shapely.geometry import Polygon
     from skimage.measure import find_contours, label
-
-    from scipy import ndimage
 
     labels = label(mask, connectivity=2)
     geoms = []
