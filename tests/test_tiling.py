@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import copy_writable
 
 import histoexpr as hx
 
@@ -175,7 +174,7 @@ def test_spatialdata_tiles_roundtrip(tmp_path, shared_data):
     sd = pytest.importorskip("spatialdata")
     src = shared_data / "xenium_segtraq/tests/data/xenium_sp_subset.zarr"
     path = tmp_path / "xenium.zarr"
-    shutil.copytree(src, path)
+    copy_writable(src, path)
     sdata = sd.read_zarr(path)
     before = {name for _, name, _ in sdata.gen_elements()}
     tiles = hx.pp.tile(sdata, image_key="he_image", tile_size=32, mpp=1.0)
@@ -205,3 +204,23 @@ def test_spatialdata_tiles_roundtrip(tmp_path, shared_data):
     again = sd.read_zarr(path)
     assert len(again.shapes[shapes_key]) == 5 and again.tables[table_key].n_obs == 5
     assert not any("__histoexpr_tmp" in p.name for p in (path / "shapes").iterdir())
+
+
+def test_read_only_store_is_never_written(tmp_path, shared_data):
+    """A store whose permission bits say read-only is refused before anything is written."""
+    import os
+    import stat
+
+    sd = pytest.importorskip("spatialdata")
+    path = tmp_path / "ro.zarr"
+    copy_writable(shared_data / "xenium_segtraq/tests/data/xenium_sp_subset.zarr", path)
+    sdata = sd.read_zarr(path)
+    mode = path.stat().st_mode
+    os.chmod(path, mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        before = sorted(p.name for p in (path / "shapes").iterdir())
+        with pytest.raises(PermissionError, match="read-only"):
+            hx.pp.tile(sdata, image_key="he_image", tile_size=64, mpp=1.0)
+        assert sorted(p.name for p in (path / "shapes").iterdir()) == before
+    finally:
+        os.chmod(path, mode)

@@ -149,6 +149,7 @@ def write_element_safely(sdata: SpatialData, name: str) -> None:
     """
     if not sdata.is_backed() or sdata.path is None:
         return
+    _check_writable(Path(sdata.path))
     on_disk = set(sdata.elements_paths_on_disk())
     element = sdata[name]
     element_type = _element_type(sdata, name)
@@ -173,6 +174,17 @@ def write_element_safely(sdata: SpatialData, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------- internals
+def _check_writable(root: Path) -> None:
+    """Refuse to write into a store marked read-only (permission bits are checked even for root)."""
+    import stat
+
+    if not root.stat().st_mode & stat.S_IWUSR or not os.access(root, os.W_OK):
+        raise PermissionError(
+            f"the SpatialData store {root} is read-only; nothing was written. Write a copy first "
+            "(sdata.write('copy.zarr')) or work in memory (spatialdata.read_zarr(...) then sdata.path = None)."
+        )
+
+
 def _put(sdata, name: str, element: Any, *, overwrite: bool) -> None:
     exists = name in _all_element_names(sdata)
     if exists and not overwrite:
