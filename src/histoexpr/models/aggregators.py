@@ -1,0 +1,224 @@
+"""Baseline slide-level aggregators from the SEQUOIA paper (SPEC §3.1): HE2RNA-style MLP and a
+standard transformer. Both map (B, K, D) cluster-mean tile features to (B, G), save/load in the
+same Hugging Face layout as :class:`~histoexpr.models.Sequoia`, and carry ``genes``/``units``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sequoia import FeedForward, PretrainedMixin, _check_genes
+
+__all__ = ["HE2RNA", "TransformerAggregator"]
+
+
+def _merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None, kwargs: Mapping[str, Any], name: str):
+    cfg = dict(defaults)
+    cfg.update(config or {})
+    cfg.update(kwargs)
+    cfg.pop("model_type", None)
+    unknown = set(cfg) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown {name} config keys {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return cfg
+
+
+class _AggregatorBase(PretrainedMixin, nn.Module):
+    config_defaults: dict[str, Any] = {}
+
+    def _init_common(self, genes: Sequence[str] | None, units: str | None) -> None:
+        self.genes = _check_genes(genes, self.config["num_outputs"])
+        self.units = units
+        self.checkpoint: str | None = None
+
+    def _config_to_save(self) -> dict[str, Any]:
+        return {**self.config, "model_type": self.model_type}
+
+    @property
+    def input_dim(self) -> int:
+        return self.config["input_dim"]
+
+    @property
+    def num_clusters(self) -> int:
+        return self.config["num_clusters"]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.config["num_outputs"]
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        if x.dim() != 3 or x.shape[2] != self.input_dim:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (batch, tiles, {self.input_dim}); got {tuple(x.shape)}"
+            )
+        return x
+
+
+HE2RNA_DEFAULTS: dict[str, Any] = {
+    "num_outputs": 20820,
+    "input_dim": 1024,
+    "hidden_dims": [256, 256],
+    "ks": [1, 2, 5, 10, 20, 50, 100],
+    "dropout": 0.5,
+    "num_clusters": 100,
+}
+
+
+class HE2RNA(_AggregatorBase):
+    """HE2RNA-style MLP aggregation (Schmauch et al. 2020).
+
+    Each of the K tokens goes through the same MLP (D -> 256 -> 256 -> G, ReLU, dropout 0.5, the
+    settings of the SEQUOIA benchmark); the slide
+    prediction for a gene is the mean of its top-k token scores. In training one ``k`` is drawn
+    from ``ks`` per forward pass; in evaluation the top-k means are averaged over all ``ks`` —
+    a data-dependent weighted average of the tokens.
+
+    Example
+    -------
+    >>> import torch
+    >>> from histoexpr.models import HE2RNA
+    >>> model = HE2RNA({"num_outputs": 20, "input_dim": 16, "num_clusters": 10, "ks": [1, 5, 10]})
+    >>> model.eval()(torch.randn(3, 10, 16)).shape
+    torch.Size([3, 20])
+    """
+
+    model_type = "he2rna"
+    config_defaults = HE2RNA_DEFAULTS
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None = None,
+        *,
+        genes: Sequence[str] | None = None,
+        units: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        cfg = _merge_config(HE2RNA_DEFAULTS, config, kwargs, "HE2RNA")
+        cfg["hidden_dims"] = [int(h) for h in cfg["hidden_dims"]]
+        cfg["ks"] = sorted({int(k) for k in cfg["ks"]})
+        self.config = cfg
+        dims = [cfg["input_dim"], *cfg["hidden_dims"]]
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg["dropout"])]
+        layers.append(nn.Linear(dims[-1], cfg["num_outputs"]))
+        self.mlp = nn.Sequential(*layers)
+        self._init_common(genes, units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        scores = self.mlp(x)  # (B, K, G)
+        n_tokens = scores.shape[1]
+        ks = [min(k, n_tokens) for k in self.config["ks"]]
+        sorted_scores = torch.sort(scores, dim=1, descending=True).values
+        cumulative = sorted_scores.cumsum(dim=1)
+        if self.training:
+            k = ks[int(torch.randint(len(ks), (1,)).item())]
+            return cumulative[:, k - 1] / k
+        return torch.stack([cumulative[:, k - 1] / k for k in ks]).mean(dim=0)
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention: ``LayerNorm -> qkv -> softmax(qk/sqrt(d)) v -> out``."""
+
+    def __init__(self, dim: int, nheads: int, dim_head: int, dropout: float = 0.0):
+        super().__init__()
+        inner = nheads * dim_head
+        self.nheads = nheads
+        self.dropout = dropout
+        self.norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.to_qkv(self.norm(x)).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, t, self.nheads, -1).transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, dim: int, depth: int, nheads: int, dim_head: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [
+                nn.ModuleList([SelfAttention(dim, nheads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout)])
+                for _ in range(depth)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x
+
+
+TRANSFORMER_DEFAULTS: dict[str, Any] = {
+    "num_outputs": 20820,
+    "input_dim": 1024,
+    "depth": 6,
+    "nheads": 16,
+    "dim_head": 64,
+    "mlp_dim": 1024,
+    "dropout": 0.0,
+    "num_clusters": 100,
+}
+
+
+class TransformerAggregator(_AggregatorBase):
+    """Standard (quadratic) transformer aggregator, the 'tformer' baseline of the SEQUOIA paper.
+
+    Same learned positional parameter ``pos_emb1D`` (K, D) and head ``linear_head`` =
+    LayerNorm + Linear(D, G) as :class:`Sequoia`, with 6 pre-norm self-attention blocks of
+    16 heads × 64 dims and a feed-forward of width ``mlp_dim``; mean over tokens before the head.
+
+    Example
+    -------
+    >>> import torch
+    >>> from histoexpr.models import TransformerAggregator
+    >>> model = TransformerAggregator(num_outputs=20, input_dim=32, depth=1, nheads=2, dim_head=8, num_clusters=10)
+    >>> model(torch.randn(3, 10, 32)).shape
+    torch.Size([3, 20])
+    """
+
+    model_type = "transformer"
+    config_defaults = TRANSFORMER_DEFAULTS
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None = None,
+        *,
+        genes: Sequence[str] | None = None,
+        units: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        given = {**(config or {}), **kwargs}
+        if "input_dim" in given and "mlp_dim" not in given:  # feed-forward width D, as in Sequoia
+            kwargs = {**kwargs, "mlp_dim": given["input_dim"]}
+        cfg = _merge_config(TRANSFORMER_DEFAULTS, config, kwargs, "TransformerAggregator")
+        for key in ("num_outputs", "input_dim", "depth", "nheads", "dim_head", "mlp_dim", "num_clusters"):
+            cfg[key] = int(cfg[key])
+        self.config = cfg
+        dim = cfg["input_dim"]
+        self.pos_emb1D = nn.Parameter(torch.randn(cfg["num_clusters"], dim))
+        self.transformer = _Transformer(dim, cfg["depth"], cfg["nheads"], cfg["dim_head"], cfg["mlp_dim"], cfg["dropout"])
+        self.linear_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, cfg["num_outputs"]))
+        self._init_common(genes, units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        if x.shape[1] != self.num_clusters:
+            raise ValueError(f"TransformerAggregator expects {self.num_clusters} tokens; got {x.shape[1]}")
+        x = self.transformer(x + self.pos_emb1D)
+        return self.linear_head(x.mean(dim=1))
