@@ -1,0 +1,290 @@
+"""HistoPrism-style direct spatial model (SPEC §3.4).
+
+Per-tile features ``(B, N, D)`` plus a slide-level condition (e.g. cancer type) → per-tile genes
+``(B, N, G)``:
+
+1. **Condition injection** by cross-attention: the tiles are the queries, a single context token
+   (``Linear(num_conditions → D)`` of the one-hot condition) gives keys and values. With one key the
+   softmax weight is exactly 1, so the attention output is ``out_proj(v_proj(c_emb))`` for every tile —
+   a learned per-condition bias. It is added to the features (residual) and followed by a LayerNorm.
+   We keep the ``nn.MultiheadAttention`` parameters (so the module tree matches the paper) but compute
+   that closed form, which saves a ``D × D`` query projection per tile and is numerically identical.
+2. ``Linear(D → hidden)`` then a standard ``nn.TransformerEncoder`` (2 layers, 8 heads, no positional
+   encoding) across the slide's tiles.
+3. MLP head ``Linear, LayerNorm, ReLU, Dropout(0.1), Linear → G``.
+
+Full attention over ``N`` tiles costs ``O(N²)``. When ``N > attention_chunk_size`` the tiles are
+ordered along a Z-order (Morton) curve of their coordinates (or kept in the given order when no
+coordinates are passed), split into contiguous, nearly equal chunks of at most
+``attention_chunk_size`` tiles, and attention runs within each chunk. Everything else in the model
+is per tile, so peak memory is bounded by one chunk whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .sequoia import PretrainedMixin, _check_genes
+
+__all__ = ["HistoPrism", "HISTOPRISM_DEFAULTS", "morton_order"]
+
+
+def morton_order(coords: torch.Tensor) -> torch.Tensor:
+    """Permutation that sorts 2-D points along a Z-order (Morton) curve.
+
+    Parameters
+    ----------
+    coords
+        ``(N, 2)`` coordinates (any units; grid indices or pixels).
+
+    Returns
+    -------
+    ``(N,)`` long tensor of indices; consecutive indices are spatially close.
+    """
+    c = coords.detach().to(torch.float64)
+    c = c - c.min(dim=0).values
+    span = float(c.max()) if c.numel() else 0.0
+    scale = (2**16 - 1) / span if span > 0 else 0.0
+    q = (c * scale).round().to(torch.int64)
+    key = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    for bit in range(16):
+        key |= ((q[:, 0] >> bit) & 1) << (2 * bit)
+        key |= ((q[:, 1] >> bit) & 1) << (2 * bit + 1)
+    return torch.argsort(key, stable=True)
+
+
+class ConditionCrossAttention(nn.Module):
+    """Tiles attend to one condition token; residual + LayerNorm (see module docstring)."""
+
+    def __init__(self, dim: int, num_conditions: int, num_heads: int = 4):
+        super().__init__()
+        self.num_conditions = num_conditions
+        self.embed = nn.Linear(num_conditions, dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def condition_bias(self, condition: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` attention output for a one-hot ``(B, C)`` condition (softmax over one key = 1)."""
+        c_emb = self.embed(condition)
+        d = c_emb.shape[-1]
+        w_v = self.attn.in_proj_weight[2 * d :]
+        b_v = self.attn.in_proj_bias[2 * d :] if self.attn.in_proj_bias is not None else None
+        v = nn.functional.linear(c_emb, w_v, b_v)
+        return self.attn.out_proj(v)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.condition_bias(condition).unsqueeze(1))
+
+    def forward_full_attention(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The literal cross-attention (used in tests to check the closed form)."""
+        ctx = self.embed(condition).unsqueeze(1)
+        out, _ = self.attn(x, ctx, ctx, need_weights=False)
+        return self.norm(x + out)
+
+
+HISTOPRISM_DEFAULTS: dict[str, Any] = {
+    "input_dim": 1024,
+    "num_outputs": None,
+    "num_conditions": 0,
+    "conditions": None,
+    "hidden_dim": 256,
+    "depth": 2,
+    "nheads": 8,
+    "cross_attention_heads": 4,
+    "dim_feedforward": 1024,
+    "dropout": 0.1,
+    "attention_chunk_size": 4096,
+}
+
+
+class HistoPrism(PretrainedMixin, nn.Module):
+    """HistoPrism-style direct model: tile features + slide condition → per-tile expression.
+
+    Parameters
+    ----------
+    config
+        Dict with any of the keys below; keyword arguments override it (same convention as
+        :class:`~histoexpr.models.Sequoia`).
+
+        ``input_dim`` (D of the tile encoder, default 1024 = UNI), ``num_outputs`` (G, required),
+        ``num_conditions`` (number of slide conditions, e.g. cancer types; 0 disables conditioning,
+        the paper's ablation), ``conditions`` (their labels; sets ``num_conditions``), ``hidden_dim``
+        (256), ``depth`` (2 transformer layers), ``nheads`` (8), ``cross_attention_heads`` (4; must
+        divide ``input_dim``), ``dim_feedforward`` (1024), ``dropout`` (0.1), ``attention_chunk_size``
+        (4096: largest number of tiles attending to each other; ``None`` = always full attention).
+    genes
+        Output gene names (length G).
+    units
+        Units of the outputs; default ``"log1p(counts)"`` (what :func:`histoexpr.tl.train_spatial` fits).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from histoexpr.models import HistoPrism
+    >>> model = HistoPrism(input_dim=32, num_outputs=50, num_conditions=3)
+    >>> x = torch.randn(1, 200, 32)
+    >>> model(x, condition=torch.tensor([1])).shape
+    torch.Size([1, 200, 50])
+    """
+
+    model_type = "histoprism"
+    config_defaults = HISTOPRISM_DEFAULTS
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None = None,
+        *,
+        genes: Sequence[str] | None = None,
+        units: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        cfg = dict(HISTOPRISM_DEFAULTS)
+        cfg.update(config or {})
+        cfg.update(kwargs)
+        cfg.pop("model_type", None)
+        unknown = set(cfg) - set(HISTOPRISM_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown HistoPrism config keys {sorted(unknown)}; allowed: {sorted(HISTOPRISM_DEFAULTS)}")
+        if cfg["num_outputs"] is None:
+            raise ValueError("HistoPrism needs num_outputs (the number of genes it predicts).")
+        if cfg["conditions"] is not None:
+            cfg["conditions"] = [str(c) for c in cfg["conditions"]]
+            cfg["num_conditions"] = len(cfg["conditions"])
+        for key in ("input_dim", "num_outputs", "num_conditions", "hidden_dim", "depth", "nheads",
+                    "cross_attention_heads", "dim_feedforward"):
+            cfg[key] = int(cfg[key])
+        input_dim, hidden_dim = cfg["input_dim"], cfg["hidden_dim"]
+        if cfg["num_conditions"] and input_dim % cfg["cross_attention_heads"]:
+            raise ValueError(
+                f"input_dim={input_dim} must be divisible by cross_attention_heads={cfg['cross_attention_heads']}. "
+                "With a single condition token the number of heads does not change the result: "
+                "cross_attention_heads=1 works for any input_dim."
+            )
+        self.config = cfg
+        self.conditioning = (
+            ConditionCrossAttention(input_dim, cfg["num_conditions"], cfg["cross_attention_heads"])
+            if cfg["num_conditions"]
+            else None
+        )
+        self.input_proj = nn.Linear(input_dim, hidden_dim)
+        layer = nn.TransformerEncoderLayer(
+            hidden_dim, cfg["nheads"], dim_feedforward=cfg["dim_feedforward"], dropout=cfg["dropout"],
+            batch_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg["depth"], enable_nested_tensor=False)
+        self.head = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(cfg["dropout"]),
+            nn.Linear(hidden_dim, cfg["num_outputs"]),
+        )
+        self.genes = _check_genes(genes, cfg["num_outputs"])
+        self.units = units or "log1p(counts)"
+        self.checkpoint: str | None = None
+
+    @property
+    def conditions(self) -> list[str] | None:
+        return self.config["conditions"]
+
+    @property
+    def input_dim(self) -> int:
+        return self.config["input_dim"]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.config["num_outputs"]
+
+    def _one_hot(self, condition: torch.Tensor | None, batch: int, ref: torch.Tensor) -> torch.Tensor:
+        n_cond = self.config["num_conditions"]
+        if condition is None:
+            raise ValueError(
+                f"This model was trained with num_conditions={n_cond}: pass `condition` (an index in "
+                f"[0, {n_cond}) or a one-hot vector per slide)."
+            )
+        condition = torch.as_tensor(condition, device=ref.device)
+        if condition.dim() == 0:
+            condition = condition.expand(batch)
+        if condition.dtype in (torch.int32, torch.int64) and condition.dim() == 1:
+            if condition.numel() and (condition.min() < 0 or condition.max() >= n_cond):
+                raise ValueError(f"condition index out of range [0, {n_cond}): {condition.tolist()}")
+            condition = nn.functional.one_hot(condition, n_cond)
+        if condition.shape != (batch, n_cond):
+            raise ValueError(
+                f"condition must be (B,) indices or (B, {n_cond}) one-hot; got shape {tuple(condition.shape)}."
+            )
+        return condition.to(ref.dtype)
+
+    def _encode(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.encoder(h, src_key_padding_mask=padding_mask)
+
+    def _encode_chunked(
+        self, h: torch.Tensor, coords: torch.Tensor | None, padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        chunk = self.config["attention_chunk_size"]
+        b, n, _ = h.shape
+        if chunk is None or n <= chunk:
+            return self._encode(h, padding_mask)
+        out = torch.empty_like(h)
+        for i in range(b):
+            keep = (
+                torch.nonzero(~padding_mask[i]).squeeze(1)
+                if padding_mask is not None
+                else torch.arange(n, device=h.device)
+            )
+            order = keep[morton_order(coords[i, keep])] if coords is not None else keep
+            n_chunks = math.ceil(order.numel() / chunk)
+            for part in torch.tensor_split(order, n_chunks):
+                out[i, part] = self._encode(h[i, part].unsqueeze(0), None)[0]
+            if padding_mask is not None:
+                out[i, padding_mask[i]] = 0
+        return out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        *,
+        coords: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict expression for every tile.
+
+        Parameters
+        ----------
+        x
+            ``(B, N, D)`` (or ``(N, D)``) tile features of ``B`` slides.
+        condition
+            ``(B,)`` condition indices or ``(B, num_conditions)`` one-hot; required when the model has
+            conditions.
+        coords
+            Optional ``(B, N, 2)`` (or ``(N, 2)``) tile coordinates, used only to form spatially
+            coherent attention chunks for slides larger than ``attention_chunk_size``.
+        padding_mask
+            Optional ``(B, N)`` bool, ``True`` for padded positions (slides of different sizes).
+
+        Returns
+        -------
+        ``(B, N, G)`` (or ``(N, G)``) predictions in the units of the training targets (log1p counts).
+        """
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(0)
+            coords = coords.unsqueeze(0) if coords is not None else None
+            padding_mask = padding_mask.unsqueeze(0) if padding_mask is not None else None
+        if x.dim() != 3 or x.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"expected features of shape (B, N, {self.input_dim}) or (N, {self.input_dim}); got "
+                f"{tuple(x.shape)}. Use the encoder the model was trained with."
+            )
+        if self.conditioning is not None:
+            x = self.conditioning(x, self._one_hot(condition, x.shape[0], x))
+        h = self._encode_chunked(self.input_proj(x), coords, padding_mask)
+        out = self.head(h)
+        return out[0] if squeeze else out
