@@ -175,7 +175,7 @@ def steiger_test(r_xy, r_xz, r_yz, n: int) -> tuple[np.ndarray, np.ndarray]:
 
     ``t = d·sqrt((n−1)(1+r_yz) / (2((n−1)/(n−3))·det + a²(1−r_yz)³))``, d = r_xy − r_xz,
     det = 1 − r_xy² − r_xz² − r_yz² + 2 r_xy r_xz r_yz, a = (r_xy + r_xz)/2; the p-value is
-    one-tailed from a t distribution with n − 3 degrees of freedom on |t| (SPEC §3.2).
+    one-tailed from a t distribution with n − 3 degrees of freedom on ``|t|`` (SPEC §3.2).
 
     Works element-wise on arrays (one test per gene).
 

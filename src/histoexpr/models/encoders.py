@@ -303,7 +303,7 @@ def get_encoder(
         as is, with ``transform``/``precision`` overrides applied).
     weights
         * ``None``: the encoder's default weights, looked up in the weights folder
-          (``$HISTOEXPR_WEIGHTS`` or ``~/.cache/histoexpr/weights``)``/<name>/``, then the Hugging
+          ``$HISTOEXPR_WEIGHTS/<name>/`` (default ``~/.cache/histoexpr/weights/<name>/``), then the Hugging
           Face cache, then the Hub when online. For a user module: its current weights.
         * a local file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``) or a folder with
           ``model.safetensors`` / ``pytorch_model.bin`` (timm / Hugging Face layouts); state dicts

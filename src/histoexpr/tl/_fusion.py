@@ -526,8 +526,8 @@ def fuse_xenium(
     Returns
     -------
     AnnData crops × add-on genes: ``X`` predictions (log1p), ``layers["measured"]`` the measured
-    log1p counts, ``obsm["X_fusion"]`` the fused embedding (ready for ``sc.pp.neighbors(use_rep=
-    "X_fusion")`` / :func:`histoexpr.tl.leiden` / UMAP), ``obs``/``obsm["spatial"]``/``uns`` from the crops.
+    log1p counts, ``obsm["X_fusion"]`` the fused embedding (ready for
+    ``sc.pp.neighbors(use_rep="X_fusion")`` / :func:`histoexpr.tl.leiden` / UMAP), ``obs``/``obsm["spatial"]``/``uns`` from the crops.
 
     Example
     -------
