@@ -12,20 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sequoia import FeedForward, PretrainedMixin, _check_genes
+from .sequoia import FeedForward, PretrainedMixin, _check_genes, _merge_config
 
 __all__ = ["HE2RNA", "TransformerAggregator"]
-
-
-def _merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None, kwargs: Mapping[str, Any], name: str):
-    cfg = dict(defaults)
-    cfg.update(config or {})
-    cfg.update(kwargs)
-    cfg.pop("model_type", None)
-    unknown = set(cfg) - set(defaults)
-    if unknown:
-        raise TypeError(f"unknown {name} config keys {sorted(unknown)}; allowed: {sorted(defaults)}")
-    return cfg
 
 
 class _AggregatorBase(PretrainedMixin, nn.Module):

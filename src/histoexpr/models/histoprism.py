@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sequoia import PretrainedMixin, _check_genes
+from .sequoia import PretrainedMixin, _check_genes, _merge_config
 
 __all__ = ["HistoPrism", "HISTOPRISM_DEFAULTS", "morton_order"]
 
@@ -144,13 +144,7 @@ class HistoPrism(PretrainedMixin, nn.Module):
         **kwargs: Any,
     ):
         super().__init__()
-        cfg = dict(HISTOPRISM_DEFAULTS)
-        cfg.update(config or {})
-        cfg.update(kwargs)
-        cfg.pop("model_type", None)
-        unknown = set(cfg) - set(HISTOPRISM_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown HistoPrism config keys {sorted(unknown)}; allowed: {sorted(HISTOPRISM_DEFAULTS)}")
+        cfg = _merge_config(HISTOPRISM_DEFAULTS, config, kwargs, "HistoPrism")
         if cfg["num_outputs"] is None:
             raise ValueError("HistoPrism needs num_outputs (the number of genes it predicts).")
         if cfg["conditions"] is not None:

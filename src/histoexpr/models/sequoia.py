@@ -263,6 +263,20 @@ def _short_config(config: Mapping[str, Any]) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in config.items() if k != "device") + ")"
 
 
+def _merge_config(
+    defaults: Mapping[str, Any], config: Mapping[str, Any] | None, kwargs: Mapping[str, Any], name: str
+) -> dict[str, Any]:
+    """Defaults updated by ``config`` then keyword arguments; unknown keys are a clear error."""
+    cfg = dict(defaults)
+    cfg.update(config or {})
+    cfg.update(kwargs)
+    cfg.pop("model_type", None)
+    unknown = set(cfg) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown {name} config keys {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return cfg
+
+
 def _check_genes(genes: Sequence[str] | None, num_outputs: int) -> list[str] | None:
     if genes is None:
         return None
@@ -425,13 +439,7 @@ class Sequoia(PretrainedMixin, nn.Module):
         **kwargs: Any,
     ):
         super().__init__()
-        cfg = dict(SEQUOIA_DEFAULTS)
-        cfg.update(config or {})
-        cfg.update(kwargs)
-        unknown = set(cfg) - set(SEQUOIA_DEFAULTS) - {"model_type"}
-        if unknown:
-            raise TypeError(f"unknown Sequoia config keys {sorted(unknown)}; allowed: {sorted(SEQUOIA_DEFAULTS)}")
-        cfg.pop("model_type", None)
+        cfg = _merge_config(SEQUOIA_DEFAULTS, config, kwargs, "Sequoia")
         for key in SEQUOIA_DEFAULTS:
             if key != "device":
                 cfg[key] = int(cfg[key])
