@@ -17,10 +17,10 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
-    "sphinx_autodoc_typehints",
 ]
 autosummary_generate = True
 autodoc_member_order = "bysource"
+autodoc_typehints = "description"
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 myst_enable_extensions = ["colon_fence"]
