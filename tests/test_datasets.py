@@ -75,7 +75,7 @@ def test_data_root_resolution(shared_data, tmp_path, monkeypatch):
         hx.datasets.data_root()
     monkeypatch.delenv("HISTOEXPR_DATA")
     monkeypatch.chdir(shared_data.parent.parent)  # a folder holding shared/data
-    assert hx.datasets.data_root() == shared_data.resolve()
+    assert hx.datasets.data_root().resolve() == shared_data.resolve()
 
 
 def test_her2st_loader(shared_data):
