@@ -11,7 +11,7 @@ from conftest import copy_writable
 
 import histoexpr as hx
 from histoexpr.models import ExpressionMLP, FusionViT, LateFusion, MinMAEBaseline, MorphologyOnly
-from histoexpr.pp._xenium import _panel_genes
+from histoexpr.pp._xenium import _panel_genes, core_tokens_dense
 from histoexpr.tl._fusion import FusionError, _lr_lambda
 
 TINY = "vit_tiny_patch16_224"
@@ -300,6 +300,30 @@ def test_training_reduces_loss_on_real_targets(real):
                              early_stopping=None, progress=False)
     loss = fit.history["train_loss"].to_numpy()
     assert loss[-1] < 0.7 * loss[0]
+
+
+def test_min_mae_accepts_sparse_targets(real):
+    from scipy import sparse
+
+    _, crops = real
+    as_sparse = crops.copy()
+    as_sparse.X = sparse.csr_matrix(crops.X)
+    dense_fit = hx.tl.train_fusion(crops, MinMAEBaseline(), split="split")
+    sparse_fit = hx.tl.train_fusion(as_sparse, MinMAEBaseline(), split="split")
+    np.testing.assert_array_equal(sparse_fit.model.source_index_, dense_fit.model.source_index_)
+    assert sparse_fit.best_val_mse == pytest.approx(dense_fit.best_val_mse)
+
+
+def test_predict_keeps_the_model_mode(real):
+    _, crops = real
+    n_core = len(crops.uns["histoexpr"]["core_genes"])
+    torch.manual_seed(0)
+    model = ExpressionMLP(n_core_genes=n_core, n_targets=crops.n_vars).train()
+    pred = hx.tl.predict_fusion(model, crops, indices=np.arange(5), device="cpu")
+    assert model.training and pred.shape == (5, crops.n_vars)
+    with torch.no_grad():
+        expected = model.eval()(None, torch.from_numpy(core_tokens_dense(crops, np.arange(5)))).numpy()
+    np.testing.assert_allclose(pred, expected, atol=1e-6)
 
 
 def test_train_bad_input(real):

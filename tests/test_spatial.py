@@ -182,6 +182,36 @@ def test_bad_input_errors():
         hx.tl.predict_spatial(tiles, model, use_rep="X_uni")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    r, c = np.divmod(np.arange(144), 12)
+    with pytest.raises(RuntimeError, match="CUDA is not available; pass device='cpu'"):
+        hx.tl.predict_spatial(_tiles(r, c), _tiny_sequoia(0), device="cuda")
+
+
+def test_default_features_follow_feature_key_like_predict_bulk():
+    # pp.extract_features(..., key_added=) records the key in uns["histoexpr"]["feature_key"];
+    # predict_spatial must pick the same features as predict_bulk / pp.cluster_features
+    r, c = np.divmod(np.arange(144), 12)
+    tiles = _tiles(r, c)
+    tiles.obsm["X_other"] = tiles.obsm["X_enc"] + 1.0
+    tiles.uns["histoexpr"].update({"encoder": "resnet50", "feature_key": "X_other"})
+    model = _tiny_sequoia(0)
+    pred = hx.tl.predict_spatial(tiles, model, device="cpu")
+    assert pred.uns["histoexpr"]["use_rep"] == "X_other"
+    np.testing.assert_allclose(pred.X, hx.tl.predict_spatial(tiles, model, use_rep="X_other", device="cpu").X)
+
+
+def test_model_id_is_the_checkpoint_as_in_predict_bulk(tmp_path):
+    r, c = np.divmod(np.arange(144), 12)
+    tiles = _tiles(r, c)
+    _tiny_sequoia(0).save_pretrained(tmp_path / "ckpt")
+    model = Sequoia.from_pretrained(tmp_path / "ckpt")
+    spatial = hx.tl.predict_spatial(tiles, model, device="cpu")
+    bulk = hx.tl.predict_bulk(tiles, model, device="cpu")
+    assert spatial.uns["histoexpr"]["model"] == bulk.uns["histoexpr"]["model"] == str(tmp_path / "ckpt")
+
+
 def test_several_slides_processed_separately():
     r, c = np.divmod(np.arange(144), 12)
     a, b = _tiles(r, c, seed=0, slide_id="a"), _tiles(r, c, seed=1, slide_id="b")
@@ -191,6 +221,23 @@ def test_several_slides_processed_separately():
     joint = hx.tl.predict_spatial(both, model, device="cpu")
     np.testing.assert_allclose(joint.X[:144], hx.tl.predict_spatial(a, model, device="cpu").X, atol=1e-6)
     np.testing.assert_allclose(joint.X[144:], hx.tl.predict_spatial(b, model, device="cpu").X, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sliding_window", "direct"])
+def test_user_model_mode_is_restored(method):
+    # predictions run in eval mode, but a model the user is training stays in train mode
+    r, c = np.divmod(np.arange(150), 15)
+    tiles = _tiles(r, c)
+    if method == "direct":
+        torch.manual_seed(0)
+        model = HistoPrism(input_dim=16, num_outputs=5, hidden_dim=32, nheads=4, dim_feedforward=64, dropout=0.5)
+    else:
+        model = _tiny_sequoia(0)
+    expected = hx.tl.predict_spatial(tiles, model.eval(), method=method, device="cpu").X
+    model.train()
+    got = hx.tl.predict_spatial(tiles, model, method=method, device="cpu").X
+    assert model.training and all(m.training for m in model.modules())
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_predictions_written_to_spatialdata():
@@ -262,6 +309,19 @@ def test_map_measured_to_tiles_coordinate_mismatch(her2st_c2):
     tiles.obsm["spatial"] = tiles.obsm["spatial"] + 1e6
     with pytest.raises(ValueError, match="do not overlap"):
         hx.tl.map_measured_to_tiles(her2st_c2, tiles)
+
+
+def test_map_measured_to_tiles_refuses_several_slides():
+    # tiles of two slides share pixel frames and grid cells: mapping them together would mix slides
+    r, c = np.divmod(np.arange(16), 4)
+    both = ad.concat([_tiles(r, c, slide_id="a"), _tiles(r, c, slide_id="b")], uns_merge="first")
+    both.obsm["spatial"] = np.vstack([_tiles(r, c).obsm["spatial"]] * 2)
+    spots = ad.AnnData(np.random.default_rng(0).poisson(3, size=(30, 4)).astype(np.float32))
+    spots.obsm["spatial"] = np.random.default_rng(1).uniform(0, 1024, size=(30, 2))
+    with pytest.raises(ValueError, match="several slides"):
+        hx.tl.map_measured_to_tiles(spots, both)
+    one = hx.tl.map_measured_to_tiles(spots, both[both.obs["slide_id"] == "a"])
+    assert one.n_obs == 16
 
 
 # ------------------------------------------------------------------------------ training

@@ -93,3 +93,21 @@ def test_kaplan_meier_plot():
     fig, ax2 = plt.subplots()
     assert kaplan_meier(time, event, groups, ax=ax2, show_ci=False, at_risk_counts=True) is ax2
     plt.close("all")
+
+
+def test_kaplan_meier_aligns_series_by_sample():
+    # clinical table and risk groups (from predictions) in different sample orders
+    import matplotlib.pyplot as plt
+
+    expr, time, event = cohort()
+    clin = pd.DataFrame({"time": time, "event": event}, index=expr.index)
+    groups = median_split(cox_risk_score(expr, {"A": 1.0}))
+    shuffled = groups.sample(frac=1.0, random_state=0)
+    ax = kaplan_meier(clin["time"], clin["event"], shuffled)
+    ref = kaplan_meier(time, event, groups, ax=plt.subplots()[1])
+    assert ax.get_title() == ref.get_title()
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), ref.get_lines()[0].get_ydata())
+    with pytest.raises(ValueError, match="different samples"):
+        kaplan_meier(clin["time"], clin["event"], groups.iloc[:-1])
+    assert logrank(clin["time"], clin["event"], shuffled) == logrank(time, event, groups.to_numpy())
+    plt.close("all")

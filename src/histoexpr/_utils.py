@@ -11,12 +11,18 @@ from ._constants import UNS_KEY
 
 
 def get_device(device: Any = None):
-    """Return a :class:`torch.device`: the given one, else CUDA when available, else CPU."""
+    """Return a :class:`torch.device`: the given one, else CUDA when available, else CPU.
+
+    Asking for CUDA on a machine without it is a clear error here rather than deep inside torch.
+    """
     import torch
 
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} was requested but CUDA is not available; pass device='cpu'")
+    return device
 
 
 def histoexpr_uns(adata) -> dict:

@@ -57,7 +57,9 @@ def kaplan_meier(
     from lifelines import KaplanMeierFitter
 
     from histoexpr.metrics import logrank
+    from histoexpr.metrics._survival import _align_by_index
 
+    time, event, groups = _align_by_index(time, event, groups)
     time = np.asarray(time, dtype=float)
     event = np.asarray(event).astype(bool)
     groups = pd.Series(groups).reset_index(drop=True)
@@ -88,3 +90,4 @@ def kaplan_meier(
     if heading:
         ax.set_title(heading)
     return ax
+

@@ -34,14 +34,9 @@ _MODEL_TYPES = ("sequoia", "he2rna", "transformer")
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
-    import torch
+    from .._utils import get_device
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} was requested but CUDA is not available; pass device='cpu'")
-    return device
+    return get_device(device)
 
 
 def _model_attr(model: nn.Module, name: str, default: Any = None) -> Any:

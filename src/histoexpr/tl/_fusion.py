@@ -208,11 +208,9 @@ class _CropBatches:
 
 
 def _device(device):
-    import torch
+    from .._utils import get_device
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return get_device(device)
 
 
 def _autocast(device):
@@ -229,18 +227,22 @@ def _predict_torch(model, batches: _CropBatches, idx: np.ndarray, device, batch_
                    embeddings: bool = False):
     import torch
 
+    was_training = model.training
     model.eval()
     preds, embs = [], []
-    with torch.no_grad():
-        for start in range(0, len(idx), batch_size):
-            b = idx[start:start + batch_size]
-            images, tokens, _ = batches(b, device, with_targets=False)
-            with _autocast(device):
-                z = model.embed(images, tokens)
-                y = model.head(z)
-            preds.append(y.float().cpu().numpy())
-            if embeddings:
-                embs.append(z.float().cpu().numpy())
+    try:
+        with torch.no_grad():
+            for start in range(0, len(idx), batch_size):
+                b = idx[start:start + batch_size]
+                images, tokens, _ = batches(b, device, with_targets=False)
+                with _autocast(device):
+                    z = model.embed(images, tokens)
+                    y = model.head(z)
+                preds.append(y.float().cpu().numpy())
+                if embeddings:
+                    embs.append(z.float().cpu().numpy())
+    finally:
+        model.train(was_training)
     n_t = model.head.out_features
     pred = np.concatenate(preds) if preds else np.zeros((0, n_t), np.float32)
     if embeddings:
@@ -392,9 +394,10 @@ def train_fusion(
     if isinstance(model, MinMAEBaseline):
         t0 = time.perf_counter()
         core = np.log1p(core_counts(crops))
-        model.fit(core[train_idx], np.asarray(crops.X)[train_idx], core_genes=info["core_genes"],
+        targets = crops.X.toarray() if sparse.issparse(crops.X) else np.asarray(crops.X)
+        model.fit(core[train_idx], targets[train_idx], core_genes=info["core_genes"],
                   target_genes=info["addon_genes"])
-        val_mse = float(np.mean((model.predict(core[val_idx]) - np.asarray(crops.X)[val_idx]) ** 2)) \
+        val_mse = float(np.mean((model.predict(core[val_idx]) - targets[val_idx]) ** 2)) \
             if len(val_idx) else None
         return FusionFit(model=model, split=split_series, best_val_mse=val_mse,
                          seconds=time.perf_counter() - t0, device="cpu")
@@ -483,9 +486,14 @@ def predict_fusion(model, crops, *, sdata=None, indices: np.ndarray | None = Non
         pred = model.predict(np.log1p(core_counts(crops)[idx]))
         return (pred, None) if embeddings else pred
     dev = _device(device)
+    param = next(model.parameters(), None)
+    original_device = param.device if param is not None else dev
     model.to(dev)
-    batches = _CropBatches(crops, model, sdata=sdata, indices=idx)
-    return _predict_torch(model, batches, idx, dev, batch_size, embeddings=embeddings)
+    try:
+        batches = _CropBatches(crops, model, sdata=sdata, indices=idx)
+        return _predict_torch(model, batches, idx, dev, batch_size, embeddings=embeddings)
+    finally:
+        model.to(original_device)  # the caller's model stays where it was
 
 
 def fuse_xenium(

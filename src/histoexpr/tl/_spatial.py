@@ -49,6 +49,9 @@ def _resolve_rep(adata: AnnData, use_rep: str | None) -> str:
                 "`hx.pp.extract_features` first or pass the right `use_rep`."
             )
         return use_rep
+    feature_key = adata.uns.get(UNS_KEY, {}).get("feature_key")  # written by pp.extract_features
+    if feature_key is not None and feature_key in adata.obsm:
+        return feature_key
     encoder = adata.uns.get(UNS_KEY, {}).get("encoder")
     if encoder is not None and f"{FEATURE_KEY_PREFIX}{encoder}" in adata.obsm:
         return f"{FEATURE_KEY_PREFIX}{encoder}"
@@ -160,8 +163,9 @@ def _model_units(model, method: str) -> str:
 
 
 def _model_id(model) -> str:
+    """The checkpoint a model was loaded from (as ``predict_bulk`` records), else its architecture."""
     cfg = _model_config(model)
-    return str(cfg.get("name") or cfg.get("architecture") or type(model).__name__)
+    return str(getattr(model, "checkpoint", None) or cfg.get("name") or cfg.get("architecture") or type(model).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +265,29 @@ def window_index(
     return index, corners
 
 
+def _in_eval_mode(models: list, device: torch.device):
+    """Context: ``models`` in eval mode on ``device``; each model's mode and device are restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = []
+        for m in models:
+            param = next(m.parameters(), None)
+            saved.append((m, m.training, param.device if param is not None else None))
+        try:
+            for m in models:
+                m.eval().to(device)
+            yield
+        finally:
+            for m, training, dev in saved:
+                if dev is not None:
+                    m.to(dev)
+                m.train(training)
+
+    return ctx()
+
+
 def _autocast(device: torch.device):
     import contextlib
 
@@ -296,9 +323,7 @@ def _sliding_window_batched(
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="windows", unit="batch")
-    for model in models:
-        model.eval().to(device)
-    with torch.inference_mode():
+    with _in_eval_mode(models, device), torch.inference_mode():
         for start in iterator:
             idx = idx_all[start : start + batch_size]
             idx_t = idx.t().contiguous()
@@ -423,9 +448,8 @@ def _predict_direct(features, coords, models, *, columns, device, condition_idx)
     x = torch.from_numpy(features).to(device)
     xy = torch.from_numpy(np.asarray(coords, dtype=np.float32)).to(device)
     total = None
-    with torch.inference_mode():
+    with _in_eval_mode(models, device), torch.inference_mode():
         for model in models:
-            model.eval().to(device)
             cond = torch.tensor([condition_idx], device=device) if condition_idx is not None else None
             kwargs = {"coords": xy.unsqueeze(0)} if _accepts(model, "coords") else {}
             with _autocast(device):
@@ -681,6 +705,11 @@ def map_measured_to_tiles(
             raise ValueError(f"`{name}` is empty.")
     if k < 1 or k > measured.n_obs:
         raise ValueError(f"k must be in [1, {measured.n_obs}] (number of spots); got {k}.")
+    if len(_split_slides(tiles)) > 1:  # pixel coordinates and grids of different slides must not mix
+        raise ValueError(
+            f"`tiles` holds several slides ({list(pd.unique(tiles.obs['slide_id'].astype(str)))[:5]}); map one "
+            "slide at a time: tiles[tiles.obs['slide_id'] == sid] with that slide's measured spots."
+        )
     spots_xy = np.asarray(measured.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
     tiles_xy = np.asarray(tiles.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
     lo, hi = spots_xy.min(0), spots_xy.max(0)
