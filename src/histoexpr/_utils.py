@@ -30,16 +30,30 @@ def histoexpr_uns(adata) -> dict:
     return adata.uns.setdefault(UNS_KEY, {})
 
 
-def check_finite(x: np.ndarray, *, what: str) -> None:
-    """Raise a clear :class:`ValueError` if ``x`` has NaN or infinite values."""
+_FEATURES_HINT = "Re-extract the features of those tiles (pp.extract_features) or drop them before continuing."
+
+
+def check_finite(x: np.ndarray, *, what: str, hint: str = _FEATURES_HINT) -> None:
+    """Raise a clear :class:`ValueError` if ``x`` has NaN or infinite values (rows = first axis)."""
     x = np.asarray(x)
     if x.dtype.kind in "fc" and not np.isfinite(x).all():
         bad = ~np.isfinite(x)
         rows = np.unique(np.nonzero(bad)[0]) if x.ndim > 1 else np.nonzero(bad)[0]
         raise ValueError(
-            f"{what} contains {int(bad.sum())} NaN/inf values (in {rows.size} rows, first rows: "
-            f"{rows[:5].tolist()}). Re-extract the features of those tiles or drop them before continuing."
+            f"{what} contains {int(bad.sum())} NaN/inf values (in {rows.size} of {x.shape[0]} rows, first "
+            f"rows: {rows[:5].tolist()}). {hint}"
         )
+
+
+def bf16_autocast(device):
+    """bf16 autocast on CUDA, a no-op context elsewhere."""
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def warn(msg: str, category: type[Warning] = UserWarning) -> None:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._utils import check_finite
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from anndata import AnnData
@@ -93,16 +95,6 @@ def _kmeans_means(features: np.ndarray, n_clusters: int, random_state: int) -> n
     return np.asarray(kmeans_means(features, n_clusters=n_clusters, random_state=random_state), dtype=np.float32)
 
 
-def _check_finite(values: np.ndarray, what: str) -> None:
-    bad = ~np.isfinite(values)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise ValueError(
-            f"{what} contain NaN/inf values ({len(rows)} of {values.shape[0]} rows, e.g. rows {rows[:5].tolist()}); "
-            "re-run pp.extract_features for them or drop those tiles before predicting"
-        )
-
-
 def _slide_metadata(obs: pd.DataFrame, slide_key: str, slide_ids: list[str]) -> pd.DataFrame:
     """Per-slide obs: the columns that are constant within every slide, plus the tile count."""
     grouped = obs.groupby(slide_key, observed=True, sort=False)
@@ -149,10 +141,10 @@ def _tiles_to_inputs(
         means = cached.get(sid) if isinstance(cached, Mapping) else None
         if means is not None and np.shape(means) == (n_clusters, feats.shape[1]):
             means = np.asarray(means, dtype=np.float32)
-            _check_finite(means, f"cluster means of slide {sid!r} in uns[{cluster_key!r}]")
+            check_finite(means, what=f"cluster means of slide {sid!r} in uns[{cluster_key!r}]")
         else:
             slide_feats = feats[mask]
-            _check_finite(slide_feats, f"tile features of slide {sid!r} (obsm[{rep!r}])")
+            check_finite(slide_feats, what=f"tile features of slide {sid!r} (obsm[{rep!r}])")
             if slide_feats.shape[0] < n_clusters:
                 raise ValueError(
                     f"slide {sid!r} has {slide_feats.shape[0]} tiles, fewer than the {n_clusters} clusters the model "
@@ -211,7 +203,7 @@ def _gather_inputs(
         )
     if input_dim is not None and arr.shape[2] != input_dim:
         raise ValueError(_dim_error(arr.shape[2], input_dim, "the input"))
-    _check_finite(arr.reshape(arr.shape[0], -1), "the input features (per slide)")
+    check_finite(arr.reshape(arr.shape[0], -1), what="the input features (per slide)")
     obs = pd.DataFrame(index=pd.Index([f"slide_{i}" for i in range(arr.shape[0])]))
     obs.insert(0, "slide_id", obs.index)
     return arr, obs
@@ -495,7 +487,7 @@ def _as_targets(Y: Any, genes: Sequence[str] | None) -> tuple[np.ndarray, list[s
     names = names or [f"gene_{i}" for i in range(y.shape[1])]
     if len(names) != y.shape[1]:
         raise ValueError(f"{len(names)} gene names for {y.shape[1]} genes")
-    _check_finite(y, "the targets Y")
+    check_finite(y, what="the targets Y", hint="Fix or drop those samples before training.")
     return y, names
 
 
@@ -622,7 +614,7 @@ def train_bulk(
     x = np.asarray(X.detach().cpu().numpy() if hasattr(X, "detach") else X, dtype=np.float32)
     if x.ndim != 3:
         raise ValueError(f"X must be (n_slides, K, D) cluster-mean features; got shape {x.shape}")
-    _check_finite(x.reshape(len(x), -1), "the input features X (per slide)")
+    check_finite(x.reshape(len(x), -1), what="the input features X (per slide)")
     y, gene_names = _as_targets(Y, genes)
     patients = np.asarray(patients).astype(str)
     if not (len(x) == len(y) == len(patients)):

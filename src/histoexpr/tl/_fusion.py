@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._utils import bf16_autocast
 from ..pp._xenium import _open_crop_slide, core_counts, xenium_crop_images
 
 SPLIT_LABELS = ("train", "val", "test", "purged")
@@ -213,16 +214,6 @@ def _device(device):
     return get_device(device)
 
 
-def _autocast(device):
-    import contextlib
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _predict_torch(model, batches: _CropBatches, idx: np.ndarray, device, batch_size: int,
                    embeddings: bool = False):
     import torch
@@ -235,7 +226,7 @@ def _predict_torch(model, batches: _CropBatches, idx: np.ndarray, device, batch_
             for start in range(0, len(idx), batch_size):
                 b = idx[start:start + batch_size]
                 images, tokens, _ = batches(b, device, with_targets=False)
-                with _autocast(device):
+                with bf16_autocast(device):
                     z = model.embed(images, tokens)
                     y = model.head(z)
                 preds.append(y.float().cpu().numpy())
@@ -430,7 +421,7 @@ def train_fusion(
         for start in range(0, len(order), batch_size):
             b = order[start:start + batch_size]
             images, tokens, targets = batches(b, dev)
-            with _autocast(dev):
+            with bf16_autocast(dev):
                 pred = model(images, tokens)
             loss = torch.nn.functional.mse_loss(pred.float(), targets)
             optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import FEATURE_KEY_PREFIX, SPATIAL_KEY, UNS_KEY
-from .._utils import check_finite, get_device, warn
+from .._utils import bf16_autocast, check_finite, get_device, warn
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -288,16 +288,6 @@ def _in_eval_mode(models: list, device: torch.device):
     return ctx()
 
 
-def _autocast(device: torch.device):
-    import contextlib
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _sliding_window_batched(
     features: np.ndarray,
     index: np.ndarray,
@@ -329,7 +319,7 @@ def _sliding_window_batched(
             idx_t = idx.t().contiguous()
             x = feats[idx]  # (B, K, D); padding slots read the zero row
             for model in models:
-                with _autocast(device):
+                with bf16_autocast(device):
                     pred = model(x)
                 pred = pred.float()
                 if columns is not None:
@@ -452,7 +442,7 @@ def _predict_direct(features, coords, models, *, columns, device, condition_idx)
         for model in models:
             cond = torch.tensor([condition_idx], device=device) if condition_idx is not None else None
             kwargs = {"coords": xy.unsqueeze(0)} if _accepts(model, "coords") else {}
-            with _autocast(device):
+            with bf16_autocast(device):
                 pred = model(x.unsqueeze(0), cond, **kwargs)[0]
             pred = pred.float()
             if columns is not None:
