@@ -346,6 +346,27 @@ def test_cohort_skips_finished_slides(shared_data, tmp_path, tiny_encoder):
     assert again["status"].tolist() == ["skipped"]
 
 
+def test_cohort_ids_and_closing(shared_data, tmp_path, tiny_encoder, monkeypatch):
+    """A Slide given under an id gets that id in its tiles; slides the cohort opened are closed."""
+    import anndata as ad
+
+    from histoexpr.io import Slide
+
+    closed = []
+    original_close = Slide.close
+    monkeypatch.setattr(Slide, "close", lambda self: (closed.append(self.slide_id), original_close(self))[1])
+    path = shared_data / "slides" / "cmu-1-small-region.svs"
+    kwargs = dict(out_dir=tmp_path, encoder=tiny_encoder, tile_kwargs={"max_tiles": 2}, batch_size=2,
+                  num_workers=0, progress=False, errors="raise")
+    summary = hx.pp.extract_features_cohort({"renamed": hx.io.open_slide(path), "from_path": path}, **kwargs)
+    assert summary["status"].tolist() == ["done", "done"]
+    for sid in ("renamed", "from_path"):
+        out = ad.read_h5ad(tmp_path / f"{sid}.h5ad")
+        assert out.obs["slide_id"].unique().tolist() == [sid] and out.uns["histoexpr"]["slide_id"] == sid
+        assert list(out.uns["spatial"]) == [sid]
+    assert closed == ["from_path"]  # the caller's Slide stays open, the one opened here is closed
+
+
 @pytest.mark.slow
 def test_cohort_on_dask(shared_data, tmp_path):
     """The pattern of docs/features.md: client.map over slides, one task per slide."""

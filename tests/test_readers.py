@@ -267,7 +267,13 @@ def test_read_visium_spatial(shared_data, visium):
     info = adata.uns["histoexpr"]
     lib = adata.uns["spatial"][info["slide_id"]]
     assert info["slide_id"] == "Vis5A_spaceranger_count"  # library id stored in the .h5
-    assert info["slide_mpp"] == pytest.approx(55.0 / 180.27785999999995)
+    # spot_diameter_fullres spans a theoretical 65 µm spot (Space Ranger), not the 55 µm capture area
+    assert info["slide_mpp"] == pytest.approx(65.0 / 180.27785999999995)
+    # independent check: Visium spot centres are 100 µm apart
+    from scipy.spatial import cKDTree
+
+    nn_px = np.median(cKDTree(adata.obsm["spatial"]).query(adata.obsm["spatial"], k=2)[0][:, 1])
+    assert info["slide_mpp"] * nn_px == pytest.approx(100.0, rel=0.01)
     assert "slide_path" not in info  # the full-resolution image is not part of the folder
     assert set(lib["images"]) == {"lowres"}  # hires is absent in this Space Ranger 1.0 output
     assert lib["scalefactors"]["tissue_lowres_scalef"] == pytest.approx(0.027017292)

@@ -145,3 +145,47 @@ def test_direct_tile_decoding_equals_tiffslide(slides_dir, name, mpp):
             ours = slide._read_level_box(level, x, y, w, h)
             loc = (int(np.ceil(x * ds - 1e-6)), int(np.ceil(y * ds - 1e-6)))
             np.testing.assert_array_equal(ours, reference.read_region(loc, level, (w, h), as_array=True))
+
+
+def _random_regions(slide, n, seed=0, size=256):
+    w, h = slide.dimensions
+    rng = np.random.default_rng(seed)
+    return list(zip(rng.integers(0, w - size, n).tolist(), rng.integers(0, h - size, n).tolist()))
+
+
+def test_concurrent_threads_read_the_same_pixels(slides_dir):
+    """tile()'s contrast check reads from threads: seeks and reads of the shared file must not interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = slides_dir / "tcga-cr-7395-01a-01-ts1.svs"
+    regions = _random_regions(hx.io.open_slide(path, mpp=0.5), 120)
+    reference = hx.io.open_slide(path, mpp=0.5)
+    expected = [reference.read_region(xy, 0, (256, 256)) for xy in regions]
+    shared = hx.io.open_slide(path, mpp=0.5)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda xy: shared.read_region(xy, 0, (256, 256)), regions))
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert shared._tiff_levels()[0].tif.filehandle.has_lock  # the race above is not always hit
+
+
+def test_forked_dataloader_workers_open_their_own_files(slides_dir):
+    """A slide already read in the parent is forked into DataLoader workers: they must not share its file offset."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    path = slides_dir / "cmu-1-small-region.svs"
+    slide = hx.io.open_slide(path)
+    regions = _random_regions(slide, 160)
+    expected = np.stack([hx.io.open_slide(path).read_tile(x, y, 256, 128) for x, y in regions])
+    slide.read_region((0, 0), 0, (8, 8))  # the parent now holds open file handles
+
+    class Tiles(Dataset):
+        def __len__(self):
+            return len(regions)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(slide.read_tile(*regions[i], 256, 128).copy())
+
+    ctx = torch.multiprocessing.get_context("fork")
+    got = torch.cat(list(DataLoader(Tiles(), batch_size=8, num_workers=2, multiprocessing_context=ctx))).numpy()
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))

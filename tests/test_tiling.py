@@ -141,6 +141,13 @@ def test_tiles_from_centers_and_outside_error(cmu):
         hx.pp.tiles_from_centers(cmu, np.array([1.0, 2.0]))
 
 
+def test_tiles_from_centers_of_a_grid_give_back_the_grid(cmu, cmu_tiles):
+    t = hx.pp.tiles_from_centers(cmu, cmu_tiles.obsm["spatial"], tissue=hx.pp.detect_tissue(cmu))
+    cols = ["tile_id", "row", "col", "x0", "y0"]
+    pd.testing.assert_frame_equal(t.obs[cols], cmu_tiles.obs[cols])
+    np.testing.assert_allclose(t.obs["tissue_fraction"], cmu_tiles.obs["tissue_fraction"])
+
+
 def test_her2st_spots_fall_in_tiles(shared_data):
     """Measured ST spots under tissue are covered by kept tiles (real section C3)."""
     sel = pd.read_csv(shared_data / "her2st" / "C3_selection.tsv", sep="\t")
@@ -186,6 +193,9 @@ def test_spatialdata_tiles_roundtrip(tmp_path, shared_data):
     table = back.tables[table_key]
     assert table.uns["spatialdata_attrs"]["region"] == shapes_key
     assert set(table.obs["tile_id"]) == set(back.shapes[shapes_key].index.astype(str))
+    # later steps (extract_features, predict_spatial) find the image and the shapes through these keys
+    for uns in (tiles.uns["histoexpr"], table.uns["histoexpr"]):
+        assert (uns["image_key"], uns["shapes_key"], uns["table_key"]) == ("he_image", shapes_key, table_key)
     # polygons are the tiles: square, side = tile_size_level0, same transform as the image
     side = tiles.uns["histoexpr"]["tile_size_level0"]
     np.testing.assert_allclose(back.shapes[shapes_key].area, side**2)

@@ -25,7 +25,8 @@ print(json.dumps(summary, indent=2))
 # ```python
 # spots = hx.datasets.mouse_olfactory_bulb()
 # slide = hx.io.open_slide(spots.uns["histoexpr"]["slide_path"], mpp=spots.uns["histoexpr"]["slide_mpp"])
-# tiles = hx.pp.tiles_from_centers(slide, spots.obsm["spatial"], tile_size=224, mpp=0.5)
+# tiles = hx.pp.tiles_from_centers(slide, spots.obsm["spatial"], tile_size=224, mpp=0.5,
+#                                  tile_ids=list(spots.obs_names), allow_partial=True)
 # hx.pp.extract_features(tiles, slide, encoder="hed_stats")
 # model = hx.tl.train_spatial(spots_with_features, use_rep="X_hed_stats", train=[...], val=[...])
 # pred = hx.tl.predict_spatial(test_tiles, model, method="direct", use_rep="X_hed_stats")

@@ -90,7 +90,7 @@ def run(out: str | Path = "demo_output", *, encoder: str = "hed_stats", weights:
                                      tile_ids=list(spots.obs_names), tissue=tissue, allow_partial=True)
     # 3. features
     hx.pp.extract_features(tiles, slide, encoder=encoder, weights=weights, progress=False, num_workers=0)
-    rep = f"X_{encoder}" if isinstance(encoder, str) else "X_features"
+    rep = tiles.uns["histoexpr"]["feature_key"]  # e.g. "X_hed_stats"; names like "hf-hub:org/x" are sanitised
 
     # 4. split, gene panel, training
     split = _stripes(tiles.obsm["spatial"][:, 0])

@@ -34,8 +34,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("histoexpr")
 
-#: Diameter of a 10x Visium spot (µm); Space Ranger's ``spot_diameter_fullres`` is this many µm.
+#: Diameter of a 10x Visium spot (µm).
 VISIUM_SPOT_DIAMETER_UM = 55.0
+#: Space Ranger's ``spot_diameter_fullres`` spans a theoretical 65 µm spot, not the 55 µm capture
+#: area (checked on real data: it equals 0.65 × the 100 µm centre-to-centre spot distance in px).
+VISIUM_SCALEFACTOR_SPOT_UM = 65.0
 #: Legacy ST (1k array): 100 µm spots, 200 µm centre-to-centre along the array axes.
 ST_SPOT_DIAMETER_UM = 100.0
 ST_SPOT_PITCH_UM = 200.0
@@ -102,7 +105,8 @@ def read_visium(
     * ``obs``: ``in_tissue``, ``array_row``, ``array_col``.
     * ``obsm["spatial"]``: spot centres ``(x, y)`` in full-resolution pixels.
     * ``uns["spatial"][library_id]``: ``images``, ``scalefactors``, ``metadata``.
-    * ``uns["histoexpr"]``: ``slide_id``, ``slide_mpp`` (= 55 µm / ``spot_diameter_fullres``),
+    * ``uns["histoexpr"]``: ``slide_id``, ``slide_mpp`` (= 65 µm / ``spot_diameter_fullres``, the
+      theoretical 65 µm spot Space Ranger measures it on; spots are 100 µm apart),
       ``slide_path`` (only when ``image_path`` is given), ``technology="visium"``, ``spot_diameter_um=55``.
 
     With only a low-resolution image (as in some Space Ranger 1.0 uploads) ``images`` has just
@@ -113,7 +117,7 @@ def read_visium(
     >>> import histoexpr as hx
     >>> adata = hx.io.read_visium("Vis5A_2dpi")  # doctest: +SKIP
     >>> adata.shape, round(adata.uns["histoexpr"]["slide_mpp"], 3)  # doctest: +SKIP
-    ((982, 33217), 0.305)
+    ((982, 33217), 0.361)
     """
     import scanpy as sc
 
@@ -171,7 +175,7 @@ def read_visium(
     adata.uns["spatial"] = {library_id: {"images": images, "scalefactors": scalefactors, "metadata": metadata}}
     adata.uns[UNS_KEY] = {
         "slide_id": library_id,
-        "slide_mpp": VISIUM_SPOT_DIAMETER_UM / spot_diameter,
+        "slide_mpp": VISIUM_SCALEFACTOR_SPOT_UM / spot_diameter,
         "technology": "visium",
         "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
         "units": "counts",

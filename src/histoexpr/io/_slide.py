@@ -73,6 +73,7 @@ class Slide:
         self._pil_levels: list[np.ndarray] | None = None
         self._tiff: list[_TiffLevel] | bool | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     # ------------------------------------------------------------------ openslide-like API
     @property
@@ -163,6 +164,7 @@ class Slide:
 
     # ------------------------------------------------------------------ back-ends
     def _read_level_box(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        self._forget_handles_after_fork()
         if self.backend == "pil":
             return self._pil_level(level)[y : y + h, x : x + w]
         if self.backend == "spatialdata":
@@ -183,6 +185,16 @@ class Slide:
         else:  # openslide
             patch = np.asarray(handle.read_region(loc, level, (w, h)))
         return _to_rgb_uint8(patch)
+
+    def _forget_handles_after_fork(self) -> None:
+        # A forked process (a DataLoader worker) shares the parent's file offsets: reading through
+        # the inherited handles interleaves seeks with the parent and its siblings and returns
+        # corrupt tiles. Each process opens its own (the parent's stay open for the parent).
+        if self._pid != os.getpid():
+            self._handle = None
+            self._tiff = None
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
 
     def _open_handle(self):
         if self._handle is None:
@@ -241,6 +253,7 @@ class Slide:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         w, h = self.dimensions
@@ -308,6 +321,7 @@ def _open_tiff_levels(path: Path, level_dimensions) -> list[_TiffLevel] | None:
         if not ok:
             tif.close()
             return None
+        tif.filehandle.set_lock(True)  # threads share the file: seek + read must not interleave
         return [_TiffLevel(tif, p) for p in pages]
     except Exception:  # noqa: BLE001 - fall back to tiffslide's reader
         return None

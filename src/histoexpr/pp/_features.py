@@ -550,10 +550,11 @@ def extract_features_cohort(
         t0 = time.perf_counter()
         row = {"slide_id": given_id, "path": None if not isinstance(source, str | os.PathLike) else str(source),
                "status": None, "n_tiles": 0, "seconds": 0.0, "output": None, "error": None}
+        opened = None
         try:
             slide_mpp = mpp.get(given_id) if isinstance(mpp, Mapping) else mpp
             if isinstance(source, str | os.PathLike):
-                slide = open_slide(source, mpp=slide_mpp, slide_id=given_id)
+                slide = opened = open_slide(source, mpp=slide_mpp, slide_id=given_id)
             else:
                 slide = source
                 row["path"] = str(slide.path) if slide.path is not None else None
@@ -566,7 +567,8 @@ def extract_features_cohort(
                 continue
             from . import tile
 
-            tiles = tile(slide, **dict(tile_kwargs or {}))
+            # the id the output file is named by is also the tiles' obs["slide_id"]
+            tiles = tile(slide, **{"slide_id": slide_id, **dict(tile_kwargs or {})})
             row["n_tiles"] = int(tiles.n_obs)
             if tiles.n_obs == 0:
                 row["status"] = "no tissue"
@@ -585,6 +587,9 @@ def extract_features_cohort(
                 raise
             row["status"], row["error"] = "failed", f"{type(e).__name__}: {e}"
             warnings.warn(f"slide {row['slide_id'] or row['path']} failed: {row['error']}", stacklevel=2)
+        finally:
+            if opened is not None:  # a cohort can hold thousands of slides: do not keep their files open
+                opened.close()
         row["seconds"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
     return pd.DataFrame(rows, columns=["slide_id", "path", "status", "n_tiles", "seconds", "output", "error"])

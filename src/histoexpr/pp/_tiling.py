@@ -130,8 +130,15 @@ def tile(
                               filter_low_contrast=filter_low_contrast)
     if sdata is not None:
         from ..io import add_tiles_to_spatialdata
+        from ..io._spatialdata import _resolve_image_key
 
-        add_tiles_to_spatialdata(sdata, adata, image_key=image_key)
+        # recorded before the table is copied into sdata: predict_spatial finds the shapes to annotate
+        # and extract_features the image through these keys (also in the SpatialData table)
+        key = _resolve_image_key(sdata, image_key)
+        keys = {"image_key": key, "shapes_key": f"{key}_tiles", "table_key": f"{key}_tiles_table"}
+        adata.uns[UNS_KEY].update(keys)
+        add_tiles_to_spatialdata(sdata, adata, image_key=key, shapes_key=keys["shapes_key"],
+                                 table_key=keys["table_key"])
     return adata
 
 
@@ -148,8 +155,9 @@ def tiles_from_centers(
 ) -> AnnData:
     """Tiles centred on given level-0 positions (e.g. measured Visium/ST spots).
 
-    Grid indices ``row``/``col`` are the centres divided by the tile side, rounded, so tiles on a
-    regular spot lattice keep their neighbourhood. Tiles reaching outside the image raise an error
+    Grid indices ``row``/``col`` are those of the :func:`tile` grid cell holding each centre (centre
+    divided by the tile side, floored), so tiles on a regular spot lattice keep their neighbourhood and
+    the centres of a :func:`tile` grid give back its indices. Tiles reaching outside the image raise an error
     unless ``allow_partial`` (then the outside is read as white background).
 
     Examples
@@ -174,8 +182,9 @@ def tiles_from_centers(
             f"{centers[bad[0]].round(1).tolist()}). Check that the positions are level-0 pixels of this "
             "slide (not a downsampled image or µm), or pass allow_partial=True."
         )
-    cols = np.round(centers[:, 0] / side0).astype(np.int64)
-    rows = np.round(centers[:, 1] / side0).astype(np.int64)
+    # floor, not round: a grid centre sits at (k + 0.5) tiles, and numpy rounds halves to even
+    cols = np.floor(centers[:, 0] / side0).astype(np.int64)
+    rows = np.floor(centers[:, 1] / side0).astype(np.int64)
     if tissue is None:
         tissue = detect_tissue(slide)
     frac = tissue.fraction_in_boxes(x0, y0, side0)

@@ -183,22 +183,15 @@ def _tissue_mask(thumb: np.ndarray) -> np.ndarray:
 
 
 def _tissue_fractions(slide, xs0, ys0, size0) -> np.ndarray:
-    """Tissue fraction of each crop (row-major over ys0 × xs0), from a thumbnail mask (summed-area table)."""
+    """Tissue fraction of each crop (row-major over ys0 × xs0), from a thumbnail mask."""
+    from ._tissue import TissueMask
+
     thumb = slide.thumbnail(max_size=2048)
-    scale = thumb.shape[1] / slide.dimensions[0]
-    mask = _tissue_mask(thumb).astype(np.float64)
-    sat = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    h, w = mask.shape
-    fx0 = np.clip(np.round(xs0 * scale).astype(int), 0, w)
-    fx1 = np.clip(np.round((xs0 + size0) * scale).astype(int), 0, w)
-    fy0 = np.clip(np.round(ys0 * scale).astype(int), 0, h)
-    fy1 = np.clip(np.round((ys0 + size0) * scale).astype(int), 0, h)
-    fx1, fy1 = np.maximum(fx1, fx0 + 1), np.maximum(fy1, fy0 + 1)
-    fx1, fy1 = np.minimum(fx1, w), np.minimum(fy1, h)
-    Y0, X0 = np.meshgrid(fy0, fx0, indexing="ij")
-    Y1, X1 = np.meshgrid(fy1, fx1, indexing="ij")
-    area = np.maximum((Y1 - Y0) * (X1 - X0), 1)
-    return ((sat[Y1, X1] - sat[Y0, X1] - sat[Y1, X0] + sat[Y0, X0]) / area).ravel()
+    w0, h0 = slide.dimensions
+    tissue = TissueMask(mask=_tissue_mask(thumb), downsample=(w0 / thumb.shape[1], h0 / thumb.shape[0]),
+                        thumbnail=thumb)
+    y0, x0 = (a.ravel() for a in np.meshgrid(ys0, xs0, indexing="ij"))
+    return tissue.fraction_in_boxes(x0, y0, size0)
 
 
 def _memberships(u: np.ndarray, origins: np.ndarray, size0: float, stride0: float):
