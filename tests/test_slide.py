@@ -78,6 +78,14 @@ def test_read_tile_uses_pyramid_at_40x(slides_dir):
     assert np.corrcoef(ref.ravel(), tile.astype(float).ravel())[0, 1] > 0.9
 
 
+def test_read_tile_rejects_empty_sizes(slides_dir):
+    slide = hx.io.open_slide(slides_dir / "cmu-1-small-region.svs")
+    with pytest.raises(SlideError, match="positive"):
+        slide.read_tile(0, 0, 256, 0)
+    with pytest.raises(SlideError, match="positive"):
+        slide.read_tile(0, 0, 0, 224)
+
+
 def test_pickle_roundtrip_reads_same_pixels(slides_dir):
     slide = hx.io.open_slide(slides_dir / "cmu-1-small-region.svs")
     tile = slide.read_tile(300, 400, 256, 224)

@@ -121,6 +121,8 @@ class Slide:
         It is read from the coarsest pyramid level that still has at least ``out_size`` pixels across,
         so a 40× slide tiled at 0.5 µm/px reads 512 px from level 0 (or 256 px from a 2× level).
         """
+        if not (size0 > 0 and int(out_size) >= 1):
+            raise SlideError(f"tile side and output size must be positive, got size0={size0!r}, out_size={out_size!r}")
         ds = size0 / out_size
         level = self.get_best_level_for_downsample(ds)
         lds = self.level_downsamples[level]
