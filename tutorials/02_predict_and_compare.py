@@ -11,7 +11,7 @@ import json
 
 from histoexpr.demo import run
 
-summary = run("demo_output", encoder="hed_stats", n_genes=100, epochs=200, seed=0)
+summary = run("demo_output", encoder="hed_stats", n_genes=100, epochs=2000, seed=0)
 print(json.dumps(summary, indent=2))
 
 # %% [markdown]

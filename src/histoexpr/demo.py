@@ -69,7 +69,7 @@ def _write_spatialdata(path: Path, slide, tiles, predictions) -> None:
 
 
 def run(out: str | Path = "demo_output", *, encoder: str = "hed_stats", weights: str | None = None,
-        n_genes: int = 100, epochs: int = 200, seed: int = 0) -> dict:
+        n_genes: int = 100, epochs: int = 2000, seed: int = 0) -> dict:
     """Run the demo and return its summary (also written to ``<out>/summary.json``)."""
     import matplotlib
 
@@ -150,7 +150,8 @@ def run(out: str | Path = "demo_output", *, encoder: str = "hed_stats", weights:
         "gene_panel_rule": f"top {n_genes} genes by mean log1p count on the training spots",
         "encoder": encoder,
         "encoder_weights": tiles.uns["histoexpr"].get("encoder_weights"),
-        "epochs_trained": len(getattr(model, "history", []) or []),
+        "epochs_run": model.history["epochs_run"],
+        "best_epoch": model.history["best_epoch"],
         "median_r_histoprism": float(np.nanmedian(r_model)),
         "median_r_ridge": float(np.nanmedian(r_ridge)),
         "mean_r_histoprism": float(np.nanmean(r_model)),
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default="hed_stats", help="encoder name (default: offline hed_stats)")
     parser.add_argument("--weights", default=None, help="encoder weights (file/folder/hf-hub:)")
     parser.add_argument("--genes", type=int, default=100, help="size of the gene panel")
-    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=2000, help="cap; early stopping on the validation stripe (patience 30) decides")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     summary = run(args.out, encoder=args.encoder, weights=args.weights, n_genes=args.genes,
