@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._constants import UNS_KEY
+from ._constants import FEATURE_KEY_PREFIX, UNS_KEY
 
 
 def get_device(device: Any = None):
@@ -58,3 +58,33 @@ def bf16_autocast(device):
 
 def warn(msg: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(msg, category, stacklevel=3)
+
+
+def resolve_feature_key(adata, use_rep: str | None = None) -> str:
+    """The ``obsm`` key of the tile features to use.
+
+    ``use_rep`` when given (it must exist); else the key :func:`histoexpr.pp.extract_features`
+    recorded in ``uns["histoexpr"]["feature_key"]``, else ``X_<encoder>`` for the recorded encoder,
+    else the only ``X_*`` entry of ``obsm``.
+    """
+    if use_rep is not None:
+        if use_rep not in adata.obsm:
+            raise KeyError(
+                f"obsm[{use_rep!r}] not found (available: {list(adata.obsm)}); run "
+                "histoexpr.pp.extract_features first or pass the right use_rep="
+            )
+        return use_rep
+    info = adata.uns.get(UNS_KEY, {})
+    info = info if isinstance(info, dict) else {}
+    if info.get("feature_key") in adata.obsm:
+        return info["feature_key"]
+    encoder = info.get("encoder")
+    if isinstance(encoder, str) and f"{FEATURE_KEY_PREFIX}{encoder}" in adata.obsm:
+        return f"{FEATURE_KEY_PREFIX}{encoder}"
+    candidates = [k for k in adata.obsm if k.startswith(FEATURE_KEY_PREFIX) and k != "X_spatial"]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ValueError(
+        f"cannot tell which obsm entry holds the tile features (candidates: {candidates}); pass "
+        "use_rep='X_<encoder>' (features come from histoexpr.pp.extract_features)"
+    )

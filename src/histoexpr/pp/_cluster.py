@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._constants import FEATURE_KEY_PREFIX, UNS_KEY
-from .._utils import check_finite
+from .._constants import UNS_KEY
+from .._utils import check_finite, resolve_feature_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -107,19 +107,6 @@ def kmeans_means(
     return (means, labels) if return_labels else means
 
 
-def _default_rep(adata: AnnData) -> str:
-    key = adata.uns.get(UNS_KEY, {}).get("feature_key")
-    if key is not None and key in adata.obsm:
-        return key
-    keys = [k for k in adata.obsm if k.startswith(FEATURE_KEY_PREFIX)]
-    if len(keys) == 1:
-        return keys[0]
-    raise ValueError(
-        f"cannot tell which features to cluster (obsm keys: {list(adata.obsm)}); pass use_rep=, e.g. "
-        "use_rep='X_uni', or run histoexpr.pp.extract_features first"
-    )
-
-
 def cluster_features(
     adata: AnnData,
     *,
@@ -174,9 +161,7 @@ def cluster_features(
     import pandas as pd
 
     adata = adata.copy() if copy else adata
-    rep = use_rep or _default_rep(adata)
-    if rep not in adata.obsm:
-        raise KeyError(f"obsm[{rep!r}] not found; obsm keys: {list(adata.obsm)}")
+    rep = resolve_feature_key(adata, use_rep)
     x = np.asarray(adata.obsm[rep])
     if "slide_id" in adata.obs:
         slide_ids = adata.obs["slide_id"].astype(str).to_numpy()

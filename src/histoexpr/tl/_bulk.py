@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._utils import check_finite
+from .._utils import check_finite, resolve_feature_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -70,25 +70,6 @@ def _load_models(model: Any, device: torch.device) -> list[nn.Module]:
     return out
 
 
-def _infer_rep(adata: AnnData, use_rep: str | None) -> str:
-    if use_rep is not None:
-        if use_rep not in adata.obsm:
-            raise KeyError(f"obsm[{use_rep!r}] not found; available: {list(adata.obsm)}")
-        return use_rep
-    info = adata.uns.get("histoexpr", {}) if isinstance(adata.uns.get("histoexpr"), Mapping) else {}
-    if info.get("feature_key") in adata.obsm:
-        return info["feature_key"]
-    if info.get("encoder") is not None and f"X_{info['encoder']}" in adata.obsm:
-        return f"X_{info['encoder']}"
-    candidates = [k for k in adata.obsm if k.startswith("X_") and k != "X_spatial"]
-    if len(candidates) != 1:
-        raise ValueError(
-            f"cannot tell which obsm entry holds the tile features (candidates: {candidates}); "
-            "pass use_rep='X_<encoder>' (features come from pp.extract_features)"
-        )
-    return candidates[0]
-
-
 def _kmeans_means(features: np.ndarray, n_clusters: int, random_state: int) -> np.ndarray:
     from histoexpr.pp import kmeans_means
 
@@ -117,7 +98,7 @@ def _tiles_to_inputs(
     random_state: int,
     slide_key: str,
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    rep = _infer_rep(adata, use_rep)
+    rep = resolve_feature_key(adata, use_rep)
     feats = np.asarray(adata.obsm[rep])
     if input_dim is not None and feats.shape[1] != input_dim:
         raise ValueError(_dim_error(feats.shape[1], input_dim, f"obsm[{rep!r}]"))
@@ -309,7 +290,7 @@ def predict_bulk(
         raise ValueError(f"n_clusters={n_clusters} but the model was built for num_clusters={k_model}")
     rep = None
     if isinstance(data, AnnData):
-        rep = _infer_rep(data, use_rep)
+        rep = resolve_feature_key(data, use_rep)
     x, obs = _gather_inputs(
         data,
         use_rep=use_rep,

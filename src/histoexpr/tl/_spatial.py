@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import FEATURE_KEY_PREFIX, SPATIAL_KEY, UNS_KEY
-from .._utils import bf16_autocast, check_finite, get_device, warn
+from .._constants import SPATIAL_KEY, UNS_KEY
+from .._utils import bf16_autocast, check_finite, get_device, resolve_feature_key, warn
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -40,30 +40,6 @@ _DEFAULT_BATCH_SIZE = 64
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-def _resolve_rep(adata: AnnData, use_rep: str | None) -> str:
-    """Name of the ``obsm`` feature matrix to use (``X_<encoder>``)."""
-    if use_rep is not None:
-        if use_rep not in adata.obsm:
-            raise KeyError(
-                f"obsm[{use_rep!r}] not found (available: {list(adata.obsm)}). Run "
-                "`hx.pp.extract_features` first or pass the right `use_rep`."
-            )
-        return use_rep
-    feature_key = adata.uns.get(UNS_KEY, {}).get("feature_key")  # written by pp.extract_features
-    if feature_key is not None and feature_key in adata.obsm:
-        return feature_key
-    encoder = adata.uns.get(UNS_KEY, {}).get("encoder")
-    if encoder is not None and f"{FEATURE_KEY_PREFIX}{encoder}" in adata.obsm:
-        return f"{FEATURE_KEY_PREFIX}{encoder}"
-    candidates = [k for k in adata.obsm if k.startswith(FEATURE_KEY_PREFIX)]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise ValueError(
-        f"Cannot tell which tile features to use (obsm keys: {list(adata.obsm)}); pass `use_rep=`, "
-        "e.g. use_rep='X_uni'."
-    )
-
-
 def _features(adata: AnnData, rep: str) -> np.ndarray:
     x = np.asarray(adata.obsm[rep], dtype=np.float32)
     if x.ndim != 2:
@@ -532,7 +508,7 @@ def predict_spatial(
         raise ValueError("`model` is an empty list.")
     if adata_tiles.n_obs == 0:
         raise ValueError("the tiles AnnData is empty: no tissue tiles to predict.")
-    rep = _resolve_rep(adata_tiles, use_rep)
+    rep = resolve_feature_key(adata_tiles, use_rep)
     features = _features(adata_tiles, rep)
     in_dim = _model_config(models[0]).get("input_dim")
     if in_dim is not None and features.shape[1] != int(in_dim):
