@@ -849,6 +849,22 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, gene_mask: torch.Tenso
     return ((pred - target) ** 2 * m).sum() / m.sum()
 
 
+def _training_chunk(model, coords, n: int, max_tiles: int, rng: np.random.Generator):
+    """Tiles of one training step on a slide of ``n`` tiles: ``None`` (all) or one attention chunk.
+
+    The chunks are those the model attends over at inference (:func:`~histoexpr.models.histoprism.
+    attention_chunks`, size ``attention_chunk_size``; ``max_tiles`` for a full-attention model), one
+    drawn at random per step.
+    """
+    from ..models.histoprism import attention_chunks
+
+    size = _model_config(model).get("attention_chunk_size") or max_tiles
+    if n <= size:
+        return None
+    chunks = attention_chunks(n, int(size), coords)
+    return chunks[int(rng.integers(len(chunks)))].cpu()
+
+
 def train_spatial(
     adatas,
     *,
@@ -874,7 +890,8 @@ def train_spatial(
 ):
     """Train the HistoPrism-style direct model (SPEC §3.4) on spot-level data.
 
-    Each step sees one training slide (all its spots, or a random subset of ``max_tiles``): features
+    Each step sees one training slide (all its spots or, for a slide larger than the model's
+    ``attention_chunk_size``, one of the Morton-contiguous chunks it attends over at inference): features
     ``obsm[use_rep]`` → ``log1p`` counts, masked MSE (genes a slide does not measure are left out of its
     loss), AdamW, gradient clipping. After every epoch the mean MSE on the validation slides decides
     early stopping (``patience`` epochs without improvement); the best weights are restored. Without
@@ -902,7 +919,8 @@ def train_spatial(
     epochs, lr, weight_decay, grad_clip, patience
         Optimisation (SPEC §3.4 defaults: AdamW lr 5e-5, weight decay 0.01, clip 1.0).
     max_tiles
-        Largest number of tiles per training step (random subset of larger slides).
+        Chunk size for a model with full attention (``attention_chunk_size=None``); a chunking model
+        trains on its own inference chunks.
     seed
         Seeds torch and numpy: same data + seed = same model (on CPU).
     device
@@ -1025,7 +1043,7 @@ def train_spatial(
         losses = []
         for s in rng.permutation(train):
             n = data[s]["x"].shape[0]
-            take = torch.from_numpy(np.sort(rng.choice(n, max_tiles, replace=False))) if n > max_tiles else None
+            take = _training_chunk(model, data[s]["coords"], n, max_tiles, rng)
             loss = forward(data[s], take)
             opt.zero_grad(set_to_none=True)
             loss.backward()
