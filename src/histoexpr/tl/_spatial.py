@@ -1,7 +1,7 @@
 """Spatial (tile-level) expression prediction, training and measured-to-tile alignment.
 
-* :func:`predict_spatial` – a bulk model run in sliding windows over the tile grid (SPEC §3.3), or a
-  direct per-tile model such as :class:`~histoexpr.models.HistoPrism` (SPEC §3.4).
+* :func:`predict_spatial` – a bulk model run in sliding windows over the tile grid (SEQUOIA's rule by
+  default), or a direct per-tile model such as :class:`~histoexpr.models.HistoPrism`.
 * :func:`train_spatial` – train the direct model on spot-level data (log1p counts, masked MSE).
 * :func:`map_measured_to_tiles` – put measured spots on the tile grid (SEQUOIA's EMD protocol, SPEC §4).
 
@@ -694,10 +694,11 @@ def map_measured_to_tiles(
 ) -> AnnData:
     """Put measured spot expression on the tile grid: mean of the ``k`` nearest spots to each tile centre.
 
-    This is SEQUOIA's protocol to compare predicted and measured maps (SPEC §4): 4 nearest spots by
-    Euclidean distance between the tile centre and spot centres, an optional 3 × 3 median filter on the
-    grid (over the tiles present in each neighbourhood), and a filter keeping genes with at least
-    ``min_unique`` distinct values (the paper: 10).
+    SEQUOIA's ground truth for comparing predicted and measured maps (``spatial_vis/get_emd.py``
+    ``get_average``): the mean of the 4 nearest spots by Euclidean distance between the tile centre and
+    spot centres. Optional: a 3 × 3 median filter on the grid — histoexpr's rule, the median of the
+    tiles present in each neighbourhood, which is *not* SEQUOIA's edge rule (see the fidelity page of
+    the docs) — and a filter keeping genes with at least ``min_unique`` distinct values (the paper: 10).
 
     Parameters
     ----------
