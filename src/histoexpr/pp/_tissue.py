@@ -73,6 +73,8 @@ GLASS_MAX_SATURATION = 0.15
 
 
 _SATURATION_LUT: np.ndarray | None = None
+#: Largest pyramid level read whole for ``detect_tissue(max_size=None)`` (~1.5 GB as RGB uint8).
+_MAX_LEVEL_PIXELS = 500_000_000
 
 
 def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
@@ -207,7 +209,14 @@ def detect_tissue(
     """
     if max_size is None:
         level = slide.level_count - 1
-        thumb = slide.read_region((0, 0), level, slide.level_dimensions[level])
+        lw, lh = slide.level_dimensions[level]
+        if lw * lh > _MAX_LEVEL_PIXELS:
+            raise ValueError(
+                f"the lowest-resolution level of {getattr(slide, 'slide_id', 'the slide')!r} is {lw}×{lh} px "
+                "(no small pyramid level): too large to read whole. Pass max_size=2048 (a view read in "
+                "strips) instead, e.g. tissue=hx.pp.detect_tissue(slide, erosion_border=0) to hx.pp.tile."
+            )
+        thumb = slide.read_region((0, 0), level, (lw, lh))
     else:
         thumb = slide.thumbnail(max_size)
     if check_background and not has_background(thumb):
