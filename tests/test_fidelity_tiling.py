@@ -113,3 +113,36 @@ def test_slides_with_background_are_still_split(shared_data, cmu):
             warnings.simplefilter("error")
             tissue = hx.pp.detect_tissue(slide, max_size=1024)
         assert 0.05 < tissue.tissue_fraction < 0.9
+
+
+def test_block_dilation_batched_equals_per_block():
+    """The stacked dilation of the spatial rule equals dilating each mask block on its own."""
+    from scipy import ndimage
+
+    from histoexpr.pp._tiling import _dilated_block_fractions
+
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_opening(rng.random((203, 157)) < 0.45)
+    ds, p = 4, 8
+    xs, ys = np.meshgrid(np.arange(0, 157 * ds, 32), np.arange(0, 203 * ds, 32), indexing="ij")
+    x0, y0 = xs.ravel(), ys.ravel()
+    got = _dilated_block_fractions(mask, x0, y0, ds, p)
+    for i in range(x0.size):
+        block = mask[y0[i] // ds : y0[i] // ds + p, x0[i] // ds : x0[i] // ds + p]
+        want = ndimage.binary_dilation(block, iterations=3).mean() if block.size else 0.0
+        assert got[i] == pytest.approx(want, abs=1e-12)
+
+
+def test_sequoia_rules_on_a_pyramidal_slide(shared_data):
+    """A TCGA slide whose mask level is downsampled: both rules run and agree with the mask."""
+    slide = hx.io.open_slide(shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs", mpp=0.5)
+    tissue = hx.pp.detect_tissue(slide, max_size=None, erosion_border=0)
+    spatial = hx.pp.tile(slide, rule="sequoia-spatial", tissue=tissue)
+    bulk = hx.pp.tile(slide, rule="sequoia-bulk", tissue=tissue, max_tiles=20, n_threads=2)
+    side = spatial.uns["histoexpr"]["tile_size_level0"]
+    w0, h0 = slide.dimensions
+    assert (spatial.obs["x0"] + side < w0).all() and (spatial.obs["y0"] + side < h0).all()
+    assert 0 < bulk.n_obs <= 20 and (spatial.obs["tissue_fraction"] >= 0.5).all()
+    # stage 1: every bulk tile's top-left corner is tissue in the mask
+    dx, dy = w0 / tissue.mask.shape[1], h0 / tissue.mask.shape[0]
+    assert tissue.mask[(bulk.obs["y0"] / dy).astype(int), (bulk.obs["x0"] / dx).astype(int)].all()

@@ -288,9 +288,39 @@ def _sequoia_patch_ok(patch: np.ndarray, tile_size: int) -> tuple[bool, float]:
     return ok, count / (tile_size * tile_size)
 
 
-def _tile_sequoia(slide, *, rule, tile_size, mpp, max_tiles, seed, tissue, slide_id, n_threads) -> AnnData:
+def _dilated_block_fractions(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, ds: int, p: int) -> np.ndarray:
+    """Tissue fraction of the ``p × p`` mask block under each tile after 3 dilations (border 0).
+
+    Each block is dilated on its own (SEQUOIA's ``binary_dilation(patch_in_mask, iterations=3)``):
+    all blocks are stacked and dilated at once with a structure that does not reach across blocks.
+    """
     from scipy import ndimage
 
+    r0 = (y0 / ds).astype(np.int64)
+    c0 = (x0 / ds).astype(np.int64)
+    frac = np.zeros(x0.size)
+    if x0.size == 0 or p < 1:
+        return frac
+    h, w = mask.shape
+    full = (r0 + p <= h) & (c0 + p <= w)
+    cross = np.zeros((1, 3, 3), dtype=bool)
+    cross[0] = ndimage.generate_binary_structure(2, 1)
+    todo = np.flatnonzero(full)
+    step = max(1, (1 << 24) // (p * p))  # ≤ 16 M mask pixels per batch
+    for start in range(0, todo.size, step):
+        idx = todo[start : start + step]
+        rr = r0[idx, None, None] + np.arange(p)[None, :, None]
+        cc = c0[idx, None, None] + np.arange(p)[None, None, :]
+        dilated = ndimage.binary_dilation(mask[rr, cc], structure=cross, iterations=3)  # (n, p, p)
+        frac[idx] = dilated.reshape(idx.size, -1).mean(1)
+    for i in np.flatnonzero(~full):  # blocks cut by the mask's edge
+        block = mask[r0[i] : r0[i] + p, c0[i] : c0[i] + p]
+        if block.size:
+            frac[i] = ndimage.binary_dilation(block, iterations=3).sum() / block.size
+    return frac
+
+
+def _tile_sequoia(slide, *, rule, tile_size, mpp, max_tiles, seed, tissue, slide_id, n_threads) -> AnnData:
     side0 = _sequoia_side0(slide, tile_size, mpp)
     w0, h0 = slide.dimensions
     if side0 < 1 or side0 > min(w0, h0):
@@ -337,11 +367,7 @@ def _tile_sequoia(slide, *, rule, tile_size, mpp, max_tiles, seed, tissue, slide
         p = int(side0 / ds)
         cols0, rows0 = np.meshgrid(np.arange(0, w0 - side0, side0), np.arange(0, h0 - side0, side0), indexing="ij")
         x0, y0 = cols0.ravel(), rows0.ravel()  # column-major: upstream's table order
-        frac = np.zeros(x0.size)
-        for i, (x, y) in enumerate(zip(x0, y0)):
-            block = mask[int(y / ds) : int(y / ds) + p, int(x / ds) : int(x / ds) + p]
-            if block.size:
-                frac[i] = ndimage.binary_dilation(block, iterations=3).sum() / block.size
+        frac = _dilated_block_fractions(mask, x0, y0, ds, p)
         keep = frac >= 0.5
         x0, y0, frac = x0[keep], y0[keep], frac[keep]
     if x0.size == 0:
