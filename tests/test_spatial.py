@@ -65,7 +65,7 @@ def test_window_index_brute_force():
     r, c = np.divmod(np.arange(15 * 17), 17)
     keep = rng.random(r.size) < 0.7
     r, c = r[keep] + 2, c[keep] + 1
-    idx, corners = window_index(r, c, window=4, stride=2, min_tissue_tiles=5, grid_shape=(20, 21))
+    idx, corners = window_index(r, c, window=4, stride=2, min_tissue_tiles=5, windows="grid", grid_shape=(20, 21))
     n = r.size
     where = {(a, b): i for i, (a, b) in enumerate(zip(r, c))}
     expected = {}
@@ -112,9 +112,9 @@ def test_sliding_window_uses_all_tiles_of_a_window():
     r, c = np.divmod(np.arange(100), 10)
     tiles = _tiles(r, c)
     model = _tiny_sequoia(0)
-    before = hx.tl.predict_spatial(tiles, model, device="cpu").X.copy()
+    before = hx.tl.predict_spatial(tiles, model, windows="grid", device="cpu").X.copy()
     tiles.obsm["X_enc"][57] += 3.0  # not the first tile of the only window
-    after = hx.tl.predict_spatial(tiles, model, device="cpu").X
+    after = hx.tl.predict_spatial(tiles, model, windows="grid", device="cpu").X
     assert np.abs(after - before).max() > 1e-3
     # one window: every tile gets the window's prediction
     x = torch.from_numpy(tiles.obsm["X_enc"][None])
@@ -123,13 +123,13 @@ def test_sliding_window_uses_all_tiles_of_a_window():
 
 
 def test_sliding_window_slot_order_is_row_major():
-    """Tiles fill the slots by row then column; the rest of the 100 slots are zeros."""
+    """windows="grid": tiles fill the slots by row then column; the rest of the 100 slots are zeros."""
     rng = np.random.default_rng(0)
     cells = rng.choice(100, size=70, replace=False)
     r, c = np.divmod(cells, 10)
     tiles = _tiles(r, c)
     model = _tiny_sequoia(2)
-    got = hx.tl.predict_spatial(tiles, model, device="cpu").X
+    got = hx.tl.predict_spatial(tiles, model, windows="grid", device="cpu").X
     order = np.lexsort((c, r))
     x = np.zeros((1, 100, 16), np.float32)
     x[0, :70] = tiles.obsm["X_enc"][order]

@@ -14,11 +14,19 @@ GeneSets = dict[str, list[str]]
 
 _BUILTIN_FILES = {
     "hallmark": "h.all.v7.0.symbols.gmt",
+    "hallmark_2025": "h.all.v2025.1.Hs.symbols.gmt",
     "go_bp": "go_bp_2021.50-100.jaccard0.1.gmt",
     "neftel": "neftel.cytograph-shoji.json",
     "cellcycle": "cellcycle.cytograph-shoji.json",
 }
-BUILTIN_GENE_SETS = ("hallmark", "go_bp", "neftel", "neftel_meta", "cellcycle")
+BUILTIN_GENE_SETS = ("hallmark", "hallmark_2025", "go_bp", "neftel", "neftel_meta", "cellcycle")
+#: Gene sets that may not ship with histoexpr (HistoPrism's curated subsets are CC BY-NC 4.0): loaded
+#: from a GMT file given by path, or found in the folder named by :data:`HISTOPRISM_GENESETS_ENV`.
+PATH_ONLY_GENE_SETS = {
+    "histoprism_hallmark": "histoprism_final_hallmark.gmt",
+    "histoprism_go": "histoprism_final_go.gmt",
+}
+HISTOPRISM_GENESETS_ENV = "HISTOEXPR_HISTOPRISM_GENESETS"
 
 
 def _builtin_path(name: str) -> Path:
@@ -84,13 +92,22 @@ def _neftel_meta() -> GeneSets:
     }
 
 
-def load_gene_sets(gene_sets: str | Path | Mapping[str, Iterable[str]] | pd.DataFrame) -> GeneSets:
+def load_gene_sets(
+    gene_sets: str | Path | Mapping[str, Iterable[str]] | pd.DataFrame, *, path: str | Path | None = None
+) -> GeneSets:
     """Resolve ``gene_sets`` to a ``{name: [genes]}`` dictionary.
 
     Parameters
     ----------
     gene_sets
         * ``"hallmark"`` – the 50 MSigDB Hallmark sets (v7.0, CC BY 4.0);
+        * ``"hallmark_2025"`` – the 50 MSigDB Hallmark sets of release 2025.1 (CC BY 4.0), the
+          release HistoPrism's GPC benchmark cut its Hallmark sets from;
+        * ``"histoprism_hallmark"``, ``"histoprism_go"`` – HistoPrism's own curated sets (Hallmark
+          restricted to its gene panel; 87 GO BP/CC/MF sets of 50–100 genes after its Jaccard
+          filter). They are CC BY-NC 4.0 and do not ship with histoexpr: pass the GMT file as
+          ``path=`` or set ``$HISTOEXPR_HISTOPRISM_GENESETS`` to a folder holding
+          ``histoprism_final_hallmark.gmt`` / ``histoprism_final_go.gmt``;
         * ``"go_bp"`` – GO Biological Process 2021 (Enrichr) sets of 50–100 genes after the
           redundancy filter of :func:`filter_redundant_gene_sets` (Jaccard > 0.1: drop the larger);
         * ``"neftel"`` – the six Neftel et al. 2019 GBM cell-state modules (AC, MES1, MES2, NPC1,
@@ -120,6 +137,8 @@ def load_gene_sets(gene_sets: str | Path | Mapping[str, Iterable[str]] | pd.Data
                 raise ValueError(f"Gene set {name!r} is a single string; pass a list of gene names.")
             out[str(name)] = list(dict.fromkeys(str(g) for g in genes))
         return out
+    if isinstance(gene_sets, str) and gene_sets.lower() in PATH_ONLY_GENE_SETS:
+        return read_gmt(_path_only_file(gene_sets.lower(), path))
     if isinstance(gene_sets, str) and gene_sets.lower() in BUILTIN_GENE_SETS:
         key = gene_sets.lower()
         if key == "neftel":
@@ -130,15 +149,37 @@ def load_gene_sets(gene_sets: str | Path | Mapping[str, Iterable[str]] | pd.Data
         if key == "cellcycle":
             return read_gene_set_json(_builtin_path("cellcycle"))
         return read_gmt(_builtin_path(key))
-    path = Path(gene_sets)
-    if path.suffix.lower() == ".json":
-        return read_gene_set_json(path)
-    if path.suffix.lower() == ".gmt" or path.is_file():
-        return read_gmt(path)
+    file = Path(gene_sets)
+    if file.suffix.lower() == ".json":
+        return read_gene_set_json(file)
+    if file.suffix.lower() == ".gmt" or file.is_file():
+        return read_gmt(file)
     raise ValueError(
-        f"Unknown gene sets {str(gene_sets)!r}: use one of {BUILTIN_GENE_SETS}, a .gmt/.json path, a dict "
-        "{name: genes} or a DataFrame with 'source'/'target' columns."
+        f"Unknown gene sets {str(gene_sets)!r}: use one of {BUILTIN_GENE_SETS + tuple(PATH_ONLY_GENE_SETS)}, "
+        "a .gmt/.json path, a dict {name: genes} or a DataFrame with 'source'/'target' columns."
     )
+
+
+def _path_only_file(name: str, path: str | Path | None) -> Path:
+    """The GMT file of a gene-set collection histoexpr may not redistribute."""
+    import os
+
+    if path is not None:
+        file = Path(path)
+        if file.is_dir():
+            file = file / PATH_ONLY_GENE_SETS[name]
+    elif os.environ.get(HISTOPRISM_GENESETS_ENV):
+        file = Path(os.environ[HISTOPRISM_GENESETS_ENV]) / PATH_ONLY_GENE_SETS[name]
+    else:
+        raise ValueError(
+            f"gene_sets={name!r} are HistoPrism's curated sets (CC BY-NC 4.0), which histoexpr does not ship. "
+            f"Write them as GMT (one line per set: name, description, genes) and pass the file as "
+            f"gene_sets_path= (or path=), or set ${HISTOPRISM_GENESETS_ENV} to the folder holding "
+            f"{PATH_ONLY_GENE_SETS[name]!r}. The MSigDB sets they were cut from ship as 'hallmark_2025'."
+        )
+    if not file.is_file():
+        raise FileNotFoundError(f"gene_sets={name!r}: GMT file {str(file)!r} does not exist.")
+    return file
 
 
 def filter_redundant_gene_sets(

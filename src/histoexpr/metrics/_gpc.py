@@ -66,17 +66,21 @@ def pathway_coherence(
     truth,
     *,
     gene_sets: str | Path | Mapping[str, Iterable[str]] | pd.DataFrame = "hallmark",
+    gene_sets_path: str | Path | None = None,
     slide_key: str = "slide_id",
     genes: Sequence[str] | None = None,
     min_genes: int = 1,
     layer_pred: str | None = None,
     layer_truth: str | None = None,
 ) -> pd.DataFrame:
-    """Gene Pathway Coherence (GPC, SPEC §4) of predicted vs measured spatial maps.
+    """Gene Pathway Coherence (GPC) of predicted vs measured spatial maps (HistoPrism, eq. 7).
 
     Per slide and gene, the Pearson correlation across tiles (or spots) between prediction and
     measurement; a pathway's score on a slide is the mean over its genes that were measured and
-    predicted (NaN correlations, e.g. of constant genes, are skipped); the GPC is the mean over slides.
+    predicted (NaN correlations, e.g. of constant genes or of genes a slide does not measure, are
+    skipped); the GPC is the mean over slides. This is HistoPrism's computation
+    (``inference.py``): with its own gene sets (``gene_sets="histoprism_hallmark"`` /
+    ``"histoprism_go"``, loaded by path) it gives HistoPrism's numbers to 1e-7.
 
     Parameters
     ----------
@@ -84,9 +88,15 @@ def pathway_coherence(
         AnnData (tiles × genes) on the same tiles (matched by ``obs_names`` or ``obs[slide_key, "row",
         "col"]``), or two arrays (n_tiles, n_genes) with ``genes`` naming the columns.
     gene_sets
-        ``"hallmark"`` (50 MSigDB Hallmark sets), ``"go_bp"`` (curated GO BP, 50–100 genes,
-        non-redundant), ``"neftel"``, ``"neftel_meta"``, ``"cellcycle"``, a ``.gmt``/``.json`` path, a
-        dict ``{name: genes}`` or a ``source``/``target`` DataFrame (see :func:`load_gene_sets`).
+        ``"hallmark"`` (50 MSigDB Hallmark sets, v7.0), ``"hallmark_2025"`` (MSigDB 2025.1, the
+        release HistoPrism used), ``"go_bp"`` (curated GO BP, 50–100 genes, non-redundant),
+        ``"histoprism_hallmark"`` / ``"histoprism_go"`` (HistoPrism's curated sets, CC BY-NC 4.0, not
+        shipped: give ``gene_sets_path``), ``"neftel"``, ``"neftel_meta"``, ``"cellcycle"``, a
+        ``.gmt``/``.json`` path, a dict ``{name: genes}`` or a ``source``/``target`` DataFrame (see
+        :func:`load_gene_sets`).
+    gene_sets_path
+        GMT file (or folder) for ``"histoprism_hallmark"`` / ``"histoprism_go"``; default
+        ``$HISTOEXPR_HISTOPRISM_GENESETS``.
     slide_key
         ``obs`` column with the slide of each tile; correlations are computed within slides.
     genes
@@ -107,7 +117,7 @@ def pathway_coherence(
     >>> res = hx.metrics.pathway_coherence(pred_tiles, measured_tiles, gene_sets="hallmark")
     >>> res.head()
     """
-    sets = load_gene_sets(gene_sets)
+    sets = load_gene_sets(gene_sets, path=gene_sets_path)
     if not sets:
         raise ValueError("No gene sets to score (the collection is empty).")
     if genes is None and hasattr(pred, "var_names") and hasattr(truth, "var_names"):

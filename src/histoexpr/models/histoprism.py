@@ -1,4 +1,4 @@
-"""HistoPrism-style direct spatial model (SPEC §3.4).
+"""HistoPrism-style direct spatial model.
 
 Per-tile features ``(B, N, D)`` plus a slide-level condition (e.g. cancer type) → per-tile genes
 ``(B, N, G)``:
@@ -17,7 +17,9 @@ Full attention over ``N`` tiles costs ``O(N²)``. When ``N > attention_chunk_siz
 ordered along a Z-order (Morton) curve of their coordinates (or kept in the given order when no
 coordinates are passed), split into contiguous, nearly equal chunks of at most
 ``attention_chunk_size`` tiles, and attention runs within each chunk. Everything else in the model
-is per tile, so peak memory is bounded by one chunk whatever the slide size.
+is per tile, so peak memory is bounded by one chunk whatever the slide size. Training
+(:func:`histoexpr.tl.train_spatial`) draws one of the same chunks per step
+(:func:`attention_chunks`), so training and inference see the same tile groups.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 
 from .sequoia import PretrainedMixin, _check_genes, _merge_config
 
-__all__ = ["HistoPrism", "HISTOPRISM_DEFAULTS", "morton_order"]
+__all__ = ["HistoPrism", "HISTOPRISM_DEFAULTS", "morton_order", "attention_chunks"]
 
 
 def morton_order(coords: torch.Tensor) -> torch.Tensor:
@@ -56,6 +58,41 @@ def morton_order(coords: torch.Tensor) -> torch.Tensor:
         key |= ((q[:, 0] >> bit) & 1) << (2 * bit)
         key |= ((q[:, 1] >> bit) & 1) << (2 * bit + 1)
     return torch.argsort(key, stable=True)
+
+
+def attention_chunks(n: int, chunk_size: int | None, coords: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The groups of tiles that attend to each other: Morton-contiguous, nearly equal chunks.
+
+    One chunk of all ``n`` tiles when ``chunk_size`` is ``None`` or ``n ≤ chunk_size``; otherwise the
+    tiles in Z-order of ``coords`` (given order without coordinates) split into ``ceil(n / chunk_size)``
+    contiguous chunks. :class:`HistoPrism` uses these chunks at inference and
+    :func:`histoexpr.tl.train_spatial` trains on them, so a large slide is seen the same way in both.
+
+    Parameters
+    ----------
+    n
+        Number of tiles.
+    chunk_size
+        Largest chunk (``attention_chunk_size`` of the model).
+    coords
+        Optional ``(n, 2)`` tile coordinates.
+
+    Returns
+    -------
+    List of long tensors of tile indices (a partition of ``range(n)``).
+
+    Example
+    -------
+    >>> import torch
+    >>> parts = attention_chunks(10, 4, torch.rand(10, 2))
+    >>> [len(p) for p in parts]
+    [4, 3, 3]
+    """
+    device = coords.device if coords is not None else None
+    if chunk_size is None or n <= chunk_size:
+        return [torch.arange(n, device=device)]
+    order = morton_order(coords) if coords is not None else torch.arange(n)
+    return list(torch.tensor_split(order, math.ceil(n / chunk_size)))
 
 
 class ConditionCrossAttention(nn.Module):
@@ -232,9 +269,8 @@ class HistoPrism(PretrainedMixin, nn.Module):
                 if padding_mask is not None
                 else torch.arange(n, device=h.device)
             )
-            order = keep[morton_order(coords[i, keep])] if coords is not None else keep
-            n_chunks = math.ceil(order.numel() / chunk)
-            for part in torch.tensor_split(order, n_chunks):
+            for part in attention_chunks(keep.numel(), chunk, coords[i, keep] if coords is not None else None):
+                part = keep[part.to(keep.device)]
                 out[i, part] = self._encode(h[i, part].unsqueeze(0), None)[0]
             if padding_mask is not None:
                 out[i, padding_mask[i]] = 0

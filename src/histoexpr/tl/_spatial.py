@@ -1,7 +1,7 @@
 """Spatial (tile-level) expression prediction, training and measured-to-tile alignment.
 
-* :func:`predict_spatial` – a bulk model run in sliding windows over the tile grid (SPEC §3.3), or a
-  direct per-tile model such as :class:`~histoexpr.models.HistoPrism` (SPEC §3.4).
+* :func:`predict_spatial` – a bulk model run in sliding windows over the tile grid (SEQUOIA's rule by
+  default), or a direct per-tile model such as :class:`~histoexpr.models.HistoPrism`.
 * :func:`train_spatial` – train the direct model on spot-level data (log1p counts, masked MSE).
 * :func:`map_measured_to_tiles` – put measured spots on the tile grid (SEQUOIA's EMD protocol, SPEC §4).
 
@@ -145,24 +145,45 @@ def _model_id(model) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# sliding windows (SPEC §3.3)
+# sliding windows
 # --------------------------------------------------------------------------------------------
+WINDOW_RULES = ("sequoia", "grid")
+
+
+def _window_threshold(window: int, min_tissue_tiles: float | None) -> float:
+    return window * window / 2 if min_tissue_tiles is None else float(min_tissue_tiles)
+
+
 def window_index(
     rows: np.ndarray,
     cols: np.ndarray,
     *,
     window: int = 10,
     stride: int = 1,
-    min_tissue_tiles: int = 50,
+    min_tissue_tiles: float | None = None,
+    windows: str = "sequoia",
     grid_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of the tile grid as an index array into the tiles (SPEC §3.3).
+    """Windows of the tile grid as an index array into the tiles.
 
-    As in SEQUOIA, a ``window × window`` window starts at the slide's top-left grid cell ``(0, 0)``
-    and moves by ``stride`` to the right, then down, staying inside the slide's grid of
-    ``grid_shape = (n_rows, n_cols)`` cells. A window is used when it holds more than
-    ``min_tissue_tiles`` tiles. Its tiles fill its first slots in row-major order (by row, then
-    column); the remaining slots point at the padding index ``n_tiles`` (a zero feature row).
+    Two rules place the ``window × window`` windows (``windows=``):
+
+    ``"sequoia"`` (default)
+        The published SEQUOIA rule (``spatial_vis/visualize.py``): corners run over
+        ``min(col) + range(0, max(col) − min(col), stride)`` (outer loop) and
+        ``min(row) + range(0, max(row) − min(row), stride)`` (inner loop), i.e. the lattice is
+        anchored at the top-left of the tissue's bounding box, the last corner is one before the
+        last tissue row/column and windows may overhang the tissue and the slide grid. A window's
+        tiles fill its first slots in column-major order (by column, then row), as SEQUOIA's
+        tile table is ordered. Windows are returned in SEQUOIA's call order (column corner outer).
+    ``"grid"``
+        Windows anchored at the slide's grid cell ``(0, 0)``, kept inside the slide grid of
+        ``grid_shape = (n_rows, n_cols)`` cells (default: up to the last tile), slots filled in
+        row-major order (by row, then column); windows in row-major corner order.
+
+    In both, a window is used when it holds more than ``min_tissue_tiles`` tiles (default
+    ``window² / 2``, SEQUOIA's ``> 50`` for 10 × 10), and the remaining slots point at the padding
+    index ``n_tiles`` (a zero feature row).
 
     Parameters
     ----------
@@ -173,10 +194,12 @@ def window_index(
     stride
         Step between windows in tiles.
     min_tissue_tiles
-        A window is used when it holds more than this many tiles.
+        A window is used when it holds more than this many tiles; ``None`` = ``window² / 2``.
+    windows
+        ``"sequoia"`` or ``"grid"`` (see above).
     grid_shape
-        ``(n_rows, n_cols)`` of the slide's full tile grid; default: up to the last tile. A grid
-        smaller than the window gets one window at ``(0, 0)``.
+        ``"grid"`` only: ``(n_rows, n_cols)`` of the slide's full tile grid. A grid smaller than the
+        window gets one window at ``(0, 0)``.
 
     Returns
     -------
@@ -189,16 +212,21 @@ def window_index(
     --------
     >>> import numpy as np
     >>> r, c = np.divmod(np.arange(144), 12)
-    >>> idx, corners = window_index(r, c, window=10, min_tissue_tiles=50)
-    >>> idx.shape
+    >>> idx, corners = window_index(r, c, window=10)
+    >>> idx.shape, corners[:2].tolist()
+    ((43, 100), [[0, 0], [1, 0]])
+    >>> window_index(r, c, window=10, windows="grid")[0].shape
     (9, 100)
     """
     rows = np.asarray(rows, dtype=np.int64)
     cols = np.asarray(cols, dtype=np.int64)
     n = rows.size
+    if windows not in WINDOW_RULES:
+        raise ValueError(f"windows must be one of {WINDOW_RULES}; got {windows!r}.")
     if window < 1 or stride < 1:
         raise ValueError(f"window and stride must be ≥ 1 (got window={window}, stride={stride}).")
-    if min_tissue_tiles >= window * window:
+    threshold = _window_threshold(window, min_tissue_tiles)
+    if threshold >= window * window:
         raise ValueError(
             f"min_tissue_tiles={min_tissue_tiles} can never be exceeded by a {window}×{window} window."
         )
@@ -206,38 +234,51 @@ def window_index(
         raise ValueError("no tiles: tissue detection found no tissue or the tiles AnnData is empty.")
     if rows.min() < 0 or cols.min() < 0:
         raise ValueError("grid indices obs['row']/obs['col'] must be ≥ 0 (counted from the slide's top-left).")
-    height, width = int(rows.max()) + 1, int(cols.max()) + 1
-    if grid_shape is not None:
-        height, width = max(height, int(grid_shape[0])), max(width, int(grid_shape[1]))
-    # window corners: on the stride lattice, inside the grid, and able to reach a tile
-    def corner_range(lo_tile: int, extent: int) -> np.ndarray:
-        last = max(extent - window, 0)
-        first = max(lo_tile - window + 1, 0)
-        first = -(-first // stride) * stride
-        return np.arange(first, last + 1, stride)
+    if np.unique(np.stack([rows, cols]), axis=1).shape[1] != n:
+        raise ValueError("two tiles share the same (row, col) grid position: tiles of several slides mixed?")
+    empty = np.zeros((0, window * window), dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+    if windows == "sequoia":
+        r_min, c_min = int(rows.min()), int(cols.min())
+        r_corners = r_min + np.arange(0, int(rows.max()) - r_min, stride)
+        c_corners = c_min + np.arange(0, int(cols.max()) - c_min, stride)
+    else:
+        height, width = int(rows.max()) + 1, int(cols.max()) + 1
+        if grid_shape is not None:
+            height, width = max(height, int(grid_shape[0])), max(width, int(grid_shape[1]))
 
-    r_corners = corner_range(int(rows.min()), height)
-    c_corners = corner_range(int(cols.min()), width)
+        def corner_range(lo_tile: int, extent: int) -> np.ndarray:
+            # on the stride lattice from 0, inside the grid, and able to reach a tile
+            last = max(extent - window, 0)
+            first = max(lo_tile - window + 1, 0)
+            first = -(-first // stride) * stride
+            return np.arange(first, last + 1, stride)
+
+        r_corners = corner_range(int(rows.min()), height)
+        c_corners = corner_range(int(cols.min()), width)
     if r_corners.size == 0 or c_corners.size == 0:
-        return np.zeros((0, window * window), dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+        return empty
     r_lo, c_lo = int(r_corners[0]), int(c_corners[0])
     grid = np.full((int(r_corners[-1]) - r_lo + window, int(c_corners[-1]) - c_lo + window), -1, dtype=np.int64)
     inside = (rows >= r_lo) & (cols >= c_lo) & (rows - r_lo < grid.shape[0]) & (cols - c_lo < grid.shape[1])
-    if np.unique(np.stack([rows, cols]), axis=1).shape[1] != n:
-        raise ValueError("two tiles share the same (row, col) grid position: tiles of several slides mixed?")
     grid[rows[inside] - r_lo, cols[inside] - c_lo] = np.flatnonzero(inside)
     # tiles per window from an integral image; only the windows kept are materialised
     occupied = np.pad((grid >= 0).astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    rr, cc = np.meshgrid(r_corners - r_lo, c_corners - c_lo, indexing="ij")
+    if windows == "sequoia":  # column corner outer, row corner inner (SEQUOIA's loop order)
+        cc, rr = np.meshgrid(c_corners - c_lo, r_corners - r_lo, indexing="ij")
+    else:
+        rr, cc = np.meshgrid(r_corners - r_lo, c_corners - c_lo, indexing="ij")
+    rr, cc = rr.ravel(), cc.ravel()
     counts = occupied[rr + window, cc + window] - occupied[rr, cc + window] - occupied[rr + window, cc] + occupied[rr, cc]
-    kr, kc = np.nonzero(counts > min_tissue_tiles)
-    views = np.lib.stride_tricks.sliding_window_view(grid, (window, window))
-    flat = views[rr[kr, kc], cc[kr, kc]].reshape(kr.size, window * window)
-    # stable sort on "is padding" moves the tiles to the front and keeps their row-major order
+    keep = np.flatnonzero(counts > threshold)
+    views = np.lib.stride_tricks.sliding_window_view(grid, (window, window))[rr[keep], cc[keep]]
+    if windows == "sequoia":  # slots in column-major order: by column, then row
+        views = views.transpose(0, 2, 1)
+    flat = views.reshape(keep.size, window * window)
+    # stable sort on "is padding" moves the tiles to the front and keeps their order
     order = np.argsort(flat < 0, axis=1, kind="stable")
     index = np.take_along_axis(flat, order, axis=1)
     index[index < 0] = n
-    corners = np.stack([r_corners[kr], c_corners[kc]], axis=1)
+    corners = np.stack([rr[keep] + r_lo, cc[keep] + c_lo], axis=1)
     return index, corners
 
 
@@ -323,10 +364,11 @@ def _sliding_window_loop(
     *,
     window: int = 10,
     stride: int = 1,
-    min_tissue_tiles: int = 50,
+    min_tissue_tiles: float | None = None,
+    windows: str = "sequoia",
     grid_shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Reference: SEQUOIA's procedure one window at a time (plain loops, batch axis added).
+    """Reference: the sliding window one window at a time (plain loops, batch axis added).
 
     Used in tests and benchmarks to check :func:`predict_spatial`; tiles in no window get NaN.
     """
@@ -335,31 +377,41 @@ def _sliding_window_loop(
     models = model if isinstance(model, (list, tuple)) else [model]
     where = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(rows, cols))}
     n, d = features.shape
-    height, width = int(max(rows)) + 1, int(max(cols)) + 1
-    if grid_shape is not None:
-        height, width = max(height, grid_shape[0]), max(width, grid_shape[1])
+    threshold = _window_threshold(window, min_tissue_tiles)
+    if windows == "sequoia":  # column corner outer, row corner inner; slots column-major
+        r_min, c_min = int(min(rows)), int(min(cols))
+        corners = [
+            (r_min + y, c_min + x)
+            for x in range(0, int(max(cols)) - c_min, stride)
+            for y in range(0, int(max(rows)) - r_min, stride)
+        ]
+        cells = [(r, c) for c in range(window) for r in range(window)]
+    else:
+        height, width = int(max(rows)) + 1, int(max(cols)) + 1
+        if grid_shape is not None:
+            height, width = max(height, grid_shape[0]), max(width, grid_shape[1])
+        corners = [
+            (r0, c0)
+            for r0 in range(0, max(height - window, 0) + 1, stride)
+            for c0 in range(0, max(width - window, 0) + 1, stride)
+        ]
+        cells = [(r, c) for r in range(window) for c in range(window)]
     per_model = []
     for m in models:
         m.eval()
         sums: dict[int, Any] = {}
         counts = np.zeros(n, dtype=np.int64)
         with torch.inference_mode():
-            for r0 in range(0, max(height - window, 0) + 1, stride):
-                for c0 in range(0, max(width - window, 0) + 1, stride):
-                    tiles = [
-                        where[(r, c)]
-                        for r in range(r0, r0 + window)
-                        for c in range(c0, c0 + window)
-                        if (r, c) in where
-                    ]
-                    if len(tiles) <= min_tissue_tiles:
-                        continue
-                    x = torch.zeros((1, window * window, d), dtype=torch.float32)
-                    x[0, : len(tiles)] = torch.from_numpy(features[tiles])
-                    pred = m(x)[0].double().numpy()
-                    for t in tiles:
-                        sums[t] = sums.get(t, 0.0) + pred
-                        counts[t] += 1
+            for r0, c0 in corners:
+                tiles = [where[(r0 + r, c0 + c)] for r, c in cells if (r0 + r, c0 + c) in where]
+                if len(tiles) <= threshold:
+                    continue
+                x = torch.zeros((1, window * window, d), dtype=torch.float32)
+                x[0, : len(tiles)] = torch.from_numpy(features[tiles])
+                pred = m(x)[0].double().numpy()
+                for t in tiles:
+                    sums[t] = sums.get(t, 0.0) + pred
+                    counts[t] += 1
         g = len(next(iter(sums.values()))) if sums else 0
         out = np.full((n, g), np.nan)
         for t, s in sums.items():
@@ -435,7 +487,8 @@ def predict_spatial(
     use_rep: str | None = None,
     window: int = 10,
     stride: int = 1,
-    min_tissue_tiles: int = 50,
+    min_tissue_tiles: float | None = None,
+    windows: str | None = None,
     batch_size: int = _DEFAULT_BATCH_SIZE,
     device: Any = None,
     genes: Sequence[str] | None = None,
@@ -448,11 +501,16 @@ def predict_spatial(
     """Predict expression for every tile: a new AnnData tiles × genes.
 
     ``method="sliding_window"`` runs a bulk model (e.g. :class:`~histoexpr.models.Sequoia`, input
-    ``(B, window², D)``) over ``window × window`` windows of the tile grid, SPEC §3.3: windows sit on a
-    ``stride`` lattice anchored at grid ``(0, 0)``; a window is used when it holds more than
-    ``min_tissue_tiles`` tiles; its tiles fill the first slots in row-major order and the rest are zero
-    padding; its prediction is credited to each of its tiles; a tile's value is the mean over its
-    windows, then the mean over the fold models. Each tile is featurised once (features come from
+    ``(B, window², D)``) over ``window × window`` windows of the tile grid. With the default
+    ``windows="sequoia"`` the windows are those of the published SEQUOIA code
+    (``spatial_vis/visualize.py``, with its missing batch axis added): a ``stride`` lattice anchored at
+    the top-left of the tissue's bounding box, corners up to one before the last tissue row/column,
+    windows allowed to overhang the tissue and the slide; its tiles fill the first slots in column-major
+    order (by column, then row) and the rest are zero padding. ``windows="grid"`` is histoexpr's earlier
+    rule: lattice anchored at the slide's grid cell ``(0, 0)``, windows inside the slide grid, slots in
+    row-major order (see :func:`window_index` and the fidelity page of the docs). In both, a window is
+    used when it holds more than ``min_tissue_tiles`` tiles; its prediction is credited to each of its
+    tiles; a tile's value is the mean over its windows, then the mean over the fold models. Each tile is featurised once (features come from
     ``obsm``), windows are cut by indexing, and forwards are batched (CUDA with bf16 autocast when
     available). Tiles in no used window get NaN (``obs["n_windows"] == 0``).
 
@@ -471,7 +529,11 @@ def predict_spatial(
     use_rep
         Feature key in ``obsm``; default ``X_<uns['histoexpr']['encoder']>`` or the only ``X_*`` key.
     window, stride, min_tissue_tiles
-        Sliding-window geometry (SEQUOIA: 10, 1, 50).
+        Sliding-window geometry (SEQUOIA: 10, 1 and more than ``window² / 2`` = 50 tiles, the default
+        when ``min_tissue_tiles`` is ``None``).
+    windows
+        Window placement and slot order: ``"sequoia"`` (default for ``method="sliding_window"``,
+        reproduces the published code) or ``"grid"`` (see :func:`window_index`).
     batch_size
         Windows per forward pass.
     device
@@ -522,6 +584,10 @@ def predict_spatial(
     values = np.full((adata_tiles.n_obs, len(gene_names)), np.nan, dtype=np.float32)
     n_windows = np.zeros(adata_tiles.n_obs, dtype=np.int64)
     if method == "sliding_window":
+        windows = "sequoia" if windows is None else windows
+        if windows not in WINDOW_RULES:
+            raise ValueError(f"windows must be one of {WINDOW_RULES}; got {windows!r}.")
+        threshold = f"{_window_threshold(window, min_tissue_tiles):g}"
         rows, cols = _grid_coords(adata_tiles)
         slots = _model_config(models[0]).get("num_clusters")
         if slots is not None and int(slots) != window * window:
@@ -533,11 +599,11 @@ def predict_spatial(
         for slide_id, pos in slides:
             index, _ = window_index(
                 rows[pos], cols[pos], window=window, stride=stride, min_tissue_tiles=min_tissue_tiles,
-                grid_shape=grid_shape,
+                windows=windows, grid_shape=grid_shape,
             )
             if index.shape[0] == 0:
                 raise ValueError(
-                    f"slide {slide_id!r}: no {window}×{window} window holds more than {min_tissue_tiles} "
+                    f"slide {slide_id!r}: no {window}×{window} window holds more than {threshold} "
                     f"tissue tiles ({pos.size} tiles in all). Lower `min_tissue_tiles` or `window`, or check "
                     "that obs['row']/obs['col'] are grid indices (not pixels)."
                 )
@@ -548,7 +614,7 @@ def predict_spatial(
             values[pos], n_windows[pos] = vals, counts
         uncovered = int((n_windows == 0).sum())
         if uncovered:
-            warn(f"{uncovered} tiles lie in no window with > {min_tissue_tiles} tiles; their predictions are NaN.")
+            warn(f"{uncovered} tiles lie in no window with > {threshold} tiles; their predictions are NaN.")
     else:
         if SPATIAL_KEY not in adata_tiles.obsm:
             raise ValueError("direct prediction needs tile centres in obsm['spatial'].")
@@ -579,7 +645,9 @@ def predict_spatial(
         }
     )
     if method == "sliding_window":
-        info.update({"window": window, "stride": stride, "min_tissue_tiles": min_tissue_tiles})
+        info.update(
+            {"window": window, "stride": stride, "min_tissue_tiles": float(threshold), "windows": windows}
+        )
     out.uns[UNS_KEY] = info
     if sdata is not None:
         _write_to_sdata(out, sdata, table_key=table_key or "predictions", region=region)
@@ -626,10 +694,11 @@ def map_measured_to_tiles(
 ) -> AnnData:
     """Put measured spot expression on the tile grid: mean of the ``k`` nearest spots to each tile centre.
 
-    This is SEQUOIA's protocol to compare predicted and measured maps (SPEC §4): 4 nearest spots by
-    Euclidean distance between the tile centre and spot centres, an optional 3 × 3 median filter on the
-    grid (over the tiles present in each neighbourhood), and a filter keeping genes with at least
-    ``min_unique`` distinct values (the paper: 10).
+    SEQUOIA's ground truth for comparing predicted and measured maps (``spatial_vis/get_emd.py``
+    ``get_average``): the mean of the 4 nearest spots by Euclidean distance between the tile centre and
+    spot centres. Optional: a 3 × 3 median filter on the grid — histoexpr's rule, the median of the
+    tiles present in each neighbourhood, which is *not* SEQUOIA's edge rule (see the fidelity page of
+    the docs) — and a filter keeping genes with at least ``min_unique`` distinct values (the paper: 10).
 
     Parameters
     ----------
@@ -781,6 +850,22 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, gene_mask: torch.Tenso
     return ((pred - target) ** 2 * m).sum() / m.sum()
 
 
+def _training_chunk(model, coords, n: int, max_tiles: int, rng: np.random.Generator):
+    """Tiles of one training step on a slide of ``n`` tiles: ``None`` (all) or one attention chunk.
+
+    The chunks are those the model attends over at inference (:func:`~histoexpr.models.histoprism.
+    attention_chunks`, size ``attention_chunk_size``; ``max_tiles`` for a full-attention model), one
+    drawn at random per step.
+    """
+    from ..models.histoprism import attention_chunks
+
+    size = _model_config(model).get("attention_chunk_size") or max_tiles
+    if n <= size:
+        return None
+    chunks = attention_chunks(n, int(size), coords)
+    return chunks[int(rng.integers(len(chunks)))].cpu()
+
+
 def train_spatial(
     adatas,
     *,
@@ -806,7 +891,8 @@ def train_spatial(
 ):
     """Train the HistoPrism-style direct model (SPEC §3.4) on spot-level data.
 
-    Each step sees one training slide (all its spots, or a random subset of ``max_tiles``): features
+    Each step sees one training slide (all its spots or, for a slide larger than the model's
+    ``attention_chunk_size``, one of the Morton-contiguous chunks it attends over at inference): features
     ``obsm[use_rep]`` → ``log1p`` counts, masked MSE (genes a slide does not measure are left out of its
     loss), AdamW, gradient clipping. After every epoch the mean MSE on the validation slides decides
     early stopping (``patience`` epochs without improvement); the best weights are restored. Without
@@ -834,7 +920,8 @@ def train_spatial(
     epochs, lr, weight_decay, grad_clip, patience
         Optimisation (SPEC §3.4 defaults: AdamW lr 5e-5, weight decay 0.01, clip 1.0).
     max_tiles
-        Largest number of tiles per training step (random subset of larger slides).
+        Chunk size for a model with full attention (``attention_chunk_size=None``); a chunking model
+        trains on its own inference chunks.
     seed
         Seeds torch and numpy: same data + seed = same model (on CPU).
     device
@@ -957,7 +1044,7 @@ def train_spatial(
         losses = []
         for s in rng.permutation(train):
             n = data[s]["x"].shape[0]
-            take = torch.from_numpy(np.sort(rng.choice(n, max_tiles, replace=False))) if n > max_tiles else None
+            take = _training_chunk(model, data[s]["coords"], n, max_tiles, rng)
             loss = forward(data[s], take)
             opt.zero_grad(set_to_none=True)
             loss.backward()
