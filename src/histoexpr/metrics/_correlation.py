@@ -134,9 +134,11 @@ def _moments3(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> dict[str, np.ndarr
         xc, yc, zc = xb - o[0], yb - o[1], zb - o[2]
         o[3], o[4], o[5] = _coldot(xc, xc), _coldot(yc, yc), _coldot(zc, zc)
         o[6], o[7], o[8] = _coldot(xc, yc), _coldot(zc, yc), _coldot(xc, zc)
-        # RMSE from the raw differences (exact for near-identical columns)
-        o[9] = _coldot(*(np.subtract(xb, yb, out=xc),) * 2)
-        o[10] = _coldot(*(np.subtract(zb, yb, out=zc),) * 2)
+        # RMSE from the raw differences (exact for near-identical columns), in the freed buffers
+        d = np.subtract(xb, yb, out=xc)
+        o[9] = _coldot(d, d)
+        d = np.subtract(zb, yb, out=zc)
+        o[10] = _coldot(d, d)
     return dict(zip(names, out))
 
 
