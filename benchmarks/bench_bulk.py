@@ -1,5 +1,5 @@
-"""Bulk prediction benchmarks: SEQUOIA forward (fused heads vs the per-head loop) and the
-well-predicted-gene test (vectorised vs a per-gene scipy loop).
+"""Bulk prediction benchmarks: SEQUOIA forward (fused heads vs the per-head loop). The
+well-predicted-gene test has its own benchmark, ``bench_well_predicted.py``.
 
 ``run(quick)`` returns JSON-serialisable numbers; ``python benchmarks/bench_bulk.py [--quick]``.
 """
@@ -61,46 +61,6 @@ def _sequoia_forward(quick: bool) -> dict:
     }
 
 
-def _well_predicted(quick: bool) -> dict:
-    from scipy import stats
-
-    from histoexpr.metrics import well_predicted_genes
-
-    rng = np.random.default_rng(0)
-    n, g = 100, (2000 if quick else 20820)
-    truth = rng.normal(size=(n, g))
-    pred = truth + rng.normal(size=(n, g)) * rng.uniform(0.3, 3, g)
-    rand = rng.normal(size=(n, g))
-
-    def naive():
-        p_st, r1s = [], []
-        for j in range(g):
-            r1, _ = stats.pearsonr(pred[:, j], truth[:, j])
-            r2, _ = stats.pearsonr(rand[:, j], truth[:, j])
-            r12, _ = stats.pearsonr(pred[:, j], rand[:, j])
-            det = 1 - r1**2 - r2**2 - r12**2 + 2 * r1 * r2 * r12
-            a = (r1 + r2) / 2
-            t = (r1 - r2) * np.sqrt((n - 1) * (1 + r12) / (2 * (n - 1) / (n - 3) * det + a**2 * (1 - r12) ** 3))
-            p_st.append(stats.t.sf(abs(t), n - 3))
-            r1s.append(r1)
-        return stats.false_discovery_control(np.array(p_st)), np.array(r1s)
-
-    t_vec = _timeit(lambda: well_predicted_genes(pred, truth, rand), 3)
-    t_naive = _timeit(naive, 1)
-    table = well_predicted_genes(pred, truth, rand)
-    p_adj, r1 = naive()
-    return {
-        "n_samples": n,
-        "n_genes": g,
-        "vectorised_s": t_vec,
-        "per_gene_scipy_loop_s": t_naive,
-        "speedup_vs_loop": t_naive / t_vec,
-        "max_abs_diff_r": float(np.abs(table["r"].to_numpy() - r1).max()),
-        "max_abs_diff_steiger_p_adj": float(np.abs(table["steiger_p_adj"].to_numpy() - p_adj).max()),
-        "n_well_predicted": int(table["well_predicted"].sum()),
-    }
-
-
 def run(quick: bool = False) -> dict:
     import torch
 
@@ -109,7 +69,6 @@ def run(quick: bool = False) -> dict:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()},
         "quick": quick,
         "sequoia_forward": _sequoia_forward(quick),
-        "well_predicted_genes": _well_predicted(quick),
     }
 
 

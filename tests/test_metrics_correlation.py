@@ -70,7 +70,12 @@ def test_steiger_known_answer():
     # psych::r.test(n = 103, r12 = .4, r13 = .5, r23 = .1) reports t = -0.89, two-tailed p = 0.37
     t, p = steiger_test(0.4, 0.5, 0.1, n=103)
     assert float(t) == pytest.approx(-0.891, abs=1e-3)
-    assert float(p) == pytest.approx(0.37 / 2, abs=0.005)  # one-tailed on |t|
+    assert float(p) == pytest.approx(1 - 0.37 / 2, abs=0.005)  # one-tailed, H1: r_xy > r_xz
+    assert float(steiger_test(0.4, 0.5, 0.1, n=103, alternative="two-sided")[1]) == pytest.approx(0.37, abs=0.005)
+    # SEQUOIA's variant: one-tailed on |t|, so worse-than-random gets the small p
+    assert float(steiger_test(0.4, 0.5, 0.1, n=103, alternative="sequoia")[1]) == pytest.approx(0.37 / 2, abs=0.005)
+    with pytest.raises(ValueError, match="alternative"):
+        steiger_test(0.4, 0.5, 0.1, n=103, alternative="less")
     # vectorised = element-wise
     t_vec, p_vec = steiger_test(np.array([0.4, 0.6]), np.array([0.5, 0.1]), np.array([0.1, 0.2]), n=103)
     assert t_vec[0] == pytest.approx(float(t))
@@ -78,7 +83,8 @@ def test_steiger_known_answer():
 
 
 def test_steiger_calibrated_under_null():
-    """With equal true correlations, one-tailed p on |t| < 0.05 happens ~10 % of the time."""
+    """With equal true correlations the one-tailed test rejects ~5 % of the time at 0.05; SEQUOIA's
+    one-tailed p on |t| rejects ~10 % (both tails)."""
     rng = _rng(3)
     n, genes = 60, 3000
     x = rng.normal(size=(n, genes))
@@ -86,8 +92,10 @@ def test_steiger_calibrated_under_null():
     z = 0.5 * x + rng.normal(size=(n, genes))
     tab = well_predicted_genes(y, x, z)
     frac = float((tab["steiger_p"] < 0.05).mean())
-    assert 0.08 < frac < 0.12
+    assert 0.035 < frac < 0.065
     assert tab["well_predicted"].mean() < 0.01
+    frac_abs = float((well_predicted_genes(y, x, z, steiger="sequoia")["steiger_p"] < 0.05).mean())
+    assert 0.08 < frac_abs < 0.12
 
 
 def test_well_predicted_genes_synthetic_known_answers():
@@ -108,9 +116,9 @@ def test_well_predicted_genes_synthetic_known_answers():
     assert tab.loc["d", "r_above_random"] and not tab.loc["d", "rmse_below_random"]
     assert np.isnan(tab.loc["f", "r"]) and np.isnan(tab.loc["f", "steiger_p_adj"])
     expected_cols = {
-        "r", "p", "r_random", "p_random", "r_pred_random", "rmse", "rmse_random", "nrmse", "steiger_t",
-        "steiger_p", "steiger_p_adj", "r_positive", "p_significant", "r_above_random", "rmse_below_random",
-        "steiger_significant", "steiger_adj_significant", "well_predicted",
+        "r", "p", "p_adj", "r_random", "p_random", "r_pred_random", "rmse", "rmse_random", "nrmse", "rmse_iqr",
+        "rmse_mean", "steiger_t", "steiger_p", "steiger_p_adj", "constant", "r_positive", "p_significant",
+        "r_above_random", "rmse_below_random", "steiger_significant", "steiger_adj_significant", "well_predicted",
     }  # fmt: skip
     assert set(tab.columns) == expected_cols
 
@@ -126,7 +134,7 @@ def _independent_well_predicted(pred, truth, rand, alpha=0.05, fdr=0.2):
         det = 1 - r1**2 - r2**2 - r12**2 + 2 * r1 * r2 * r12
         rbar = (r1 + r2) / 2
         t = (r1 - r2) * np.sqrt((n - 1) * (1 + r12) / (2 * (n - 1) / (n - 3) * det + rbar**2 * (1 - r12) ** 3))
-        p_st = stats.t.sf(abs(t), df=n - 3)
+        p_st = stats.t.sf(t, df=n - 3)  # one-tailed, H1: r > r_random
         e1 = np.sqrt(np.mean((pred[:, j] - truth[:, j]) ** 2))
         e2 = np.sqrt(np.mean((rand[:, j] - truth[:, j]) ** 2))
         rows.append((r1, p1, r2, t, p_st, e1, e2))
@@ -158,6 +166,55 @@ def test_well_predicted_genes_on_real_tcga_expression(ref_expression):
     np.testing.assert_allclose(tab["rmse_random"], e2, rtol=1e-10)
     assert tab["well_predicted"].to_numpy().tolist() == ok.tolist()
     assert list(tab.index) == list(varying)
+    np.testing.assert_allclose(tab["p_adj"], stats.false_discovery_control(p1, method="bh"), rtol=1e-6, atol=1e-12)
     assert 0 < ok.sum() < len(ok)  # a non-trivial split on real values
     # the best-predicted genes are the low-noise ones
     assert noise_level[ok].mean() < noise_level[~ok].mean()
+
+
+def test_constant_columns_detected_whatever_their_value():
+    """A constant column whose mean is not exactly representable (0.1, 2.3, …) is still constant:
+    plain centring leaves ~1e-17 residues and a spurious finite r."""
+    rng = _rng(6)
+    truth = rng.normal(size=(60, 40))
+    pred = truth + rng.normal(size=(60, 40))
+    values = rng.uniform(-5, 5, 20)
+    pred[:, :20] = values  # constant columns with arbitrary values
+    pred[:, 20] = 1e300  # huge constant
+    pred[:, 21] = 0.1 * (1 + np.finfo(float).eps * (np.arange(60) % 2))  # constant up to 1 ulp
+    r, p = pearson(pred, truth)
+    assert np.isnan(r[:22]).all() and np.isnan(p[:22]).all()
+    assert np.isfinite(r[22:]).all()
+    tiny = truth * 1e-100  # small magnitude but real variation: not constant
+    np.testing.assert_allclose(pearson(tiny, tiny + 1e-100 * pred, return_pvalue=False)[22:],
+                               pearson(truth, truth + pred, return_pvalue=False)[22:], atol=1e-12)  # fmt: skip
+    tab = well_predicted_genes(pred, truth, rng.normal(size=(60, 40)))
+    assert tab["constant"].to_numpy()[:22].all() and not tab["constant"].to_numpy()[22:].any()
+    assert tab["steiger_p_adj"].isna().to_numpy()[:22].all()
+
+
+def test_inputs_are_not_modified():
+    rng = _rng(7)
+    truth = np.asfortranarray(rng.normal(size=(30, 50)))  # F order: a transposed view is contiguous
+    pred = truth + rng.normal(size=(30, 50))
+    rand = np.asfortranarray(rng.normal(size=(30, 50)))
+    copies = [a.copy() for a in (pred, truth, rand)]
+    tab = well_predicted_genes(pred, truth, rand)
+    for a, b in zip((pred, truth, rand), copies):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(tab["r"], [stats.pearsonr(pred[:, j], truth[:, j])[0] for j in range(50)], atol=1e-12)
+    q75, q25 = np.percentile(truth, [75, 25], axis=0)
+    np.testing.assert_allclose(tab["rmse_iqr"], tab["rmse"] / (q75 - q25), rtol=1e-12)
+    np.testing.assert_allclose(tab["rmse_mean"], tab["rmse"] / truth.mean(axis=0), rtol=1e-12)
+
+
+def test_well_predicted_rejects_bad_options():
+    x = _rng(8).normal(size=(10, 3))
+    with pytest.raises(ValueError, match="constant_genes"):
+        well_predicted_genes(x, x, x, constant_genes="drop")
+    with pytest.raises(ValueError, match="flavor"):
+        well_predicted_genes(x, x, x, flavor="paper")
+    with pytest.raises(ValueError, match="steiger"):
+        well_predicted_genes(x, x, x, steiger="abs")
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        well_predicted_genes(x[:3], x[:3], x[:3])

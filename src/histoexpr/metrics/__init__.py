@@ -1,6 +1,6 @@
 """histoexpr.metrics"""
 
-from ._correlation import nrmse, pearson, rmse, spearman, steiger_test, well_predicted_genes
+from ._correlation import SEQUOIA_COLUMNS, nrmse, pearson, rmse, spearman, steiger_test, well_predicted_genes
 from ._survival import cox_risk_score, fit_cox_signature, logrank, median_split
 from ._clustering import cluster_agreement
 from ._emd import emd, median_filter_grid, percentile_scores
