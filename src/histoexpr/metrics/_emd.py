@@ -274,7 +274,7 @@ def _to_mass(values: np.ndarray) -> np.ndarray:
 AUTO_SPARSE_MIN_CELLS = 1500
 #: a certified optimum: the certified gap (primal cost minus a valid dual lower bound) is at most this
 CERT_TOL = 1e-9
-_PRICE_BLOCK = 256  # surplus rows priced at once: memory 3 × 8 B × block × n_deficit
+_PRICE_BLOCK = 256
 
 
 @dataclass
@@ -537,8 +537,10 @@ def _sparse_level(diff, coords, phi0, coarse_plan, children, *, itermax, tol, k=
         ai, aj = key // nd, key % nd
         d = xs[ai] - xd[aj]
         cost = np.sqrt(np.einsum("ij,ij->i", d, d))
+        # warm start from the current potentials (the coarse level's, then the previous round's)
         fs, ft, fv, value, u, v, code = emd_c_sparse(
-            supply, demand, ai.astype(np.uint64), aj.astype(np.uint64), cost, itermax
+            supply, demand, ai.astype(np.uint64), aj.astype(np.uint64), cost, itermax,
+            np.ascontiguousarray(phs), np.ascontiguousarray(-phd),
         )
         code = int(code)
         if code != 1:
