@@ -16,6 +16,15 @@ spots plus Gaussian noise (0.5 × the gene's SD), a stand-in with realistic spat
 * independent exact solver: the full transport LP (n² variables) with ``scipy.optimize.linprog``
   (HiGHS) on a few genes.
 
+EMD scaling (issue 15): seconds per gene (CPU time of one process), peak memory per gene (RSS rise of a
+forked child during the solve) and max |difference| for grids of 20², 40², 64² (her2st C3 mapped onto the
+grid: real tissue shape) and 64², 100², 150² (synthetic smooth maps on the full square). Solvers in the same
+run: ours (``solver="auto"``: the sparse multiscale column generation above 1,500 cells), today's solver
+(``solver="full"``: POT's dense network simplex on the surplus × deficit problem), and POT on the full
+problem (``ot.emd2`` on the n × n cost matrix). Solvers expected to run longer than ~60 s per gene or to
+need several GB are skipped (noted). Also: whole-transcriptome estimate for a 4,000-tile slide, and the
+speed-up of ``emd(..., client=)`` on a 2-worker vs a 1-worker Dask LocalCluster.
+
 GPC: 50 Hallmark sets over 20,000 genes (the 4,384 Hallmark genes + 15,616 other genes) on two
 slides of 1,600 tiles (random float32 maps; speed does not depend on the values). Reported: the
 full ``hx.metrics.pathway_coherence`` call, the pure compute (one vectorised correlation pass over all
@@ -25,6 +34,7 @@ loop over the set genes, per-set Python means).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -264,6 +274,184 @@ def bench_gpc(quick: bool) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------- EMD scaling
+def _synthetic_grid(n: int, n_genes: int, seed: int = 0):
+    """Smooth synthetic maps on a full n × n grid: truth = sum of Gaussian bumps, pred = truth + bumps + noise."""
+    rng = np.random.default_rng(seed)
+    r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    rc = np.c_[r.ravel(), c.ravel()].astype(float)
+
+    def field():
+        f = np.zeros(n * n)
+        for _ in range(6):
+            cen, s = rng.uniform(0, n, 2), rng.uniform(n / 10, n / 3)
+            f += rng.normal() * np.exp(-((rc - cen) ** 2).sum(1) / (2 * s * s))
+        return f
+
+    truth = np.column_stack([field() for _ in range(n_genes)])
+    pred = truth + 0.5 * np.column_stack([field() for _ in range(n_genes)])
+    pred += 0.3 * truth.std(0) * rng.normal(size=pred.shape)
+    return pred, truth, rc
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _measure_in_child(fn, *args):
+    """Run ``fn(*args)`` in a forked child: (result, cpu seconds, wall seconds, peak RSS rise in MB)."""
+    import multiprocessing as mp
+
+    def child(conn):
+        import resource
+
+        start = _rss_mb()
+        c0, t0 = time.process_time(), time.perf_counter()
+        try:
+            out = fn(*args)
+            err = None
+        except Exception as e:  # noqa: BLE001 - reported in the JSON
+            out, err = None, repr(e)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        conn.send((out, err, cpu, wall, peak - start))
+        conn.close()
+
+    ctx = mp.get_context("fork")
+    parent, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(child_end,))
+    proc.start()
+    out, err, cpu, wall, peak = parent.recv()
+    proc.join()
+    if err:
+        raise RuntimeError(err)
+    return out, cpu, wall, peak
+
+
+def _solve_ours(diff, rc, solver):
+    from histoexpr.metrics._emd import GridSolver
+
+    kind = solver
+    if solver == "auto":
+        from histoexpr.metrics._emd import AUTO_SPARSE_MIN_CELLS
+
+        kind = "sparse" if len(rc) > AUTO_SPARSE_MIN_CELLS else "full"
+    sol = GridSolver(rc).solve(diff, solver=kind)
+    return {"value": sol.value, "certified": bool(sol.certified), "gap": sol.gap, "solver": sol.solver,
+            "rounds": sol.rounds}
+
+
+def _solve_pot_full(a, b, rc):
+    import ot
+
+    from histoexpr.metrics._emd import _dist_block
+
+    return {"value": float(ot.emd2(a, b, _dist_block(rc, rc), numItermax=10**9))}
+
+
+def bench_emd_scaling(quick: bool) -> dict:
+    import ot  # noqa: F401 - imported before forking
+
+    from histoexpr.metrics._emd import AUTO_SPARSE_MIN_CELLS, percentile_scores
+
+    cases = [("her2st", 20, 3), ("her2st", 40, 3), ("her2st", 64, 3), ("synthetic", 64, 2), ("synthetic", 100, 2),
+             ("synthetic", 150, 1)]
+    if quick:
+        cases = [("her2st", 20, 2), ("her2st", 40, 1), ("synthetic", 64, 1)]
+    # per gene limits: today's solver ~ cells^2.9 (30 s at 10k cells); POT's full problem ~ 4x slower
+    full_max_cells, pot_max_cells = 10_000, 4_100
+    rows = []
+    for kind, n, n_genes in cases:
+        if kind == "her2st":
+            p, t, _ = her2st_on_grid(n_grid=n, n_genes=n_genes)
+            pred, truth = p.X.astype(np.float64), t.X.astype(np.float64)
+            rc = p.obs[["row", "col"]].to_numpy(dtype=float)
+        else:
+            pred, truth, rc = _synthetic_grid(n, n_genes)
+        A, B = percentile_scores(pred), percentile_scores(truth)
+        A, B = A / A.sum(0), B / B.sum(0)
+        res = {"grid": f"{kind} {n}x{n}", "cells": len(rc), "genes_timed": n_genes}
+        per = {"ours": [], "today": [], "pot_full": []}
+        for j in range(n_genes):
+            diff = A[:, j] - B[:, j]
+            per["ours"].append(_measure_in_child(_solve_ours, diff, rc, "auto"))
+            if len(rc) <= full_max_cells:
+                per["today"].append(_measure_in_child(_solve_ours, diff, rc, "full"))
+            if len(rc) <= pot_max_cells:
+                per["pot_full"].append(_measure_in_child(_solve_pot_full, A[:, j], B[:, j], rc))
+        for name, runs in per.items():
+            if not runs:
+                res[name] = "skipped (would exceed ~60 s or several GB per gene)"
+                continue
+            res[name] = {
+                "cpu_s_per_gene": round(float(np.mean([r[1] for r in runs])), 4),
+                "wall_s_per_gene": round(float(np.mean([r[2] for r in runs])), 4),
+                "peak_rss_rise_mb": round(float(np.max([r[3] for r in runs])), 1),
+            }
+        ours = per["ours"]
+        res["ours"]["solver"] = ours[0][0]["solver"]
+        res["ours"]["all_certified"] = all(r[0]["certified"] for r in ours)
+        res["ours"]["max_certified_gap"] = float(max(r[0]["gap"] for r in ours))
+        res["ours"]["mean_rounds"] = float(np.mean([r[0]["rounds"] for r in ours]))
+        for name in ("today", "pot_full"):
+            if per[name]:
+                res[f"speedup_vs_{name}_cpu"] = round(res[name]["cpu_s_per_gene"] / res["ours"]["cpu_s_per_gene"], 2)
+                res[f"max_abs_diff_vs_{name}"] = float(
+                    max(abs(o[0]["value"] - f[0]["value"]) for o, f in zip(ours, per[name]))
+                )
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+    out = {"auto_sparse_min_cells": AUTO_SPARSE_MIN_CELLS, "sizes": rows}
+    # whole transcriptome on a 4,000-tile slide: the synthetic 64x64 (4,096 cells) per-gene CPU time
+    ref = next((r for r in rows if r["grid"] == "synthetic 64x64"), None)
+    if ref is not None:
+        est = {"cells": ref["cells"], "genes": 20_000, "cores": 2}
+        for name in ("ours", "today"):
+            if isinstance(ref.get(name), dict):
+                est[f"{name}_hours_on_2_cores"] = round(ref[name]["cpu_s_per_gene"] * 20_000 / 2 / 3600, 2)
+        est["target_hours"] = 1.0
+        out["transcriptome_4000_tiles"] = est
+    out["dask"] = _bench_dask(quick)
+    return out
+
+
+def _warm_worker() -> None:
+    import ot  # noqa: F401
+
+    import histoexpr.metrics._emd  # noqa: F401
+
+
+def _bench_dask(quick: bool) -> dict:
+    """``emd(..., client=)`` on LocalClusters of 1 and 2 single-threaded worker processes (start-up not timed)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        return {"skipped": "distributed is not installed"}
+    import histoexpr as hx
+
+    n, n_genes = (32, 4) if quick else (48, 12)
+    pred, truth, rc = _synthetic_grid(n, n_genes, seed=1)
+    out = {"grid": f"synthetic {n}x{n}", "genes": n_genes}
+    values = {}
+    for workers in (1, 2):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            client.run(_warm_worker)  # imports on every worker, not timed
+            hx.metrics.emd(pred[:, :2], truth[:, :2], coords=rc, client=client)
+            t0 = time.perf_counter()
+            res = hx.metrics.emd(pred, truth, coords=rc, client=client)
+            out[f"seconds_{workers}_worker"] = round(time.perf_counter() - t0, 2)
+            values[workers] = res["emd"].to_numpy()
+    local = hx.metrics.emd(pred, truth, coords=rc, n_jobs=1)["emd"].to_numpy()
+    out["speedup_2_vs_1_worker"] = round(out["seconds_1_worker"] / out["seconds_2_worker"], 2)
+    out["identical_to_local"] = bool(np.array_equal(values[1], local) and np.array_equal(values[2], local))
+    return out
+
+
 def run(quick: bool = False) -> dict:
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
@@ -273,11 +461,28 @@ def run(quick: bool = False) -> dict:
     return {
         "device": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg_1min_at_start": load},
         "emd": bench_emd(quick),
+        "emd_scaling": bench_emd_scaling(quick),
         "gpc": bench_gpc(quick),
     }
 
 
 if __name__ == "__main__":
-    import json
+    import argparse
 
-    print(json.dumps(run(quick=bool(os.environ.get("QUICK"))), indent=2))
+    parser = argparse.ArgumentParser(description="metrics benchmarks")
+    parser.add_argument("--only", choices=["emd", "emd_scaling", "gpc"], help="run one part only")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge the part's result into benchmarks/results/metrics.json (other keys kept)")
+    args = parser.parse_args()
+    quick = bool(os.environ.get("QUICK"))
+    if args.only is None:
+        result = run(quick=quick)
+    else:
+        warnings.filterwarnings("ignore", category=UserWarning)
+        result = {args.only: {"emd": bench_emd, "emd_scaling": bench_emd_scaling, "gpc": bench_gpc}[args.only](quick)}
+    if args.merge:
+        path = HERE / "results" / ("metrics.quick.json" if quick else "metrics.json")
+        merged = json.loads(path.read_text()) if path.exists() else {"topic": "metrics"}
+        merged.update(result)
+        path.write_text(json.dumps(merged, indent=2, default=float))
+    print(json.dumps(result, indent=2, default=float))
