@@ -1,4 +1,4 @@
-"""HistoPrism-style direct spatial model (SPEC §3.4).
+"""HistoPrism-style direct spatial model.
 
 Per-tile features ``(B, N, D)`` plus a slide-level condition (e.g. cancer type) → per-tile genes
 ``(B, N, G)``:
@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sequoia import PretrainedMixin, _check_genes, _merge_config
+from ._base import PretrainedMixin
+from .layers import ConditionCrossAttention
 
 __all__ = ["HistoPrism", "HISTOPRISM_DEFAULTS", "morton_order"]
 
@@ -56,35 +57,6 @@ def morton_order(coords: torch.Tensor) -> torch.Tensor:
         key |= ((q[:, 0] >> bit) & 1) << (2 * bit)
         key |= ((q[:, 1] >> bit) & 1) << (2 * bit + 1)
     return torch.argsort(key, stable=True)
-
-
-class ConditionCrossAttention(nn.Module):
-    """Tiles attend to one condition token; residual + LayerNorm (see module docstring)."""
-
-    def __init__(self, dim: int, num_conditions: int, num_heads: int = 4):
-        super().__init__()
-        self.num_conditions = num_conditions
-        self.embed = nn.Linear(num_conditions, dim)
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-
-    def condition_bias(self, condition: torch.Tensor) -> torch.Tensor:
-        """``(B, D)`` attention output for a one-hot ``(B, C)`` condition (softmax over one key = 1)."""
-        c_emb = self.embed(condition)
-        d = c_emb.shape[-1]
-        w_v = self.attn.in_proj_weight[2 * d :]
-        b_v = self.attn.in_proj_bias[2 * d :] if self.attn.in_proj_bias is not None else None
-        v = nn.functional.linear(c_emb, w_v, b_v)
-        return self.attn.out_proj(v)
-
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.condition_bias(condition).unsqueeze(1))
-
-    def forward_full_attention(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """The literal cross-attention (used in tests to check the closed form)."""
-        ctx = self.embed(condition).unsqueeze(1)
-        out, _ = self.attn(x, ctx, ctx, need_weights=False)
-        return self.norm(x + out)
 
 
 HISTOPRISM_DEFAULTS: dict[str, Any] = {
@@ -134,6 +106,7 @@ class HistoPrism(PretrainedMixin, nn.Module):
 
     model_type = "histoprism"
     config_defaults = HISTOPRISM_DEFAULTS
+    default_units = "log1p(counts)"
 
     def __init__(
         self,
@@ -144,7 +117,7 @@ class HistoPrism(PretrainedMixin, nn.Module):
         **kwargs: Any,
     ):
         super().__init__()
-        cfg = _merge_config(HISTOPRISM_DEFAULTS, config, kwargs, "HistoPrism")
+        cfg = self._configure(config, kwargs)
         if cfg["num_outputs"] is None:
             raise ValueError("HistoPrism needs num_outputs (the number of genes it predicts).")
         if cfg["conditions"] is not None:
@@ -160,7 +133,6 @@ class HistoPrism(PretrainedMixin, nn.Module):
                 "With a single condition token the number of heads does not change the result: "
                 "cross_attention_heads=1 works for any input_dim."
             )
-        self.config = cfg
         self.conditioning = (
             ConditionCrossAttention(input_dim, cfg["num_conditions"], cfg["cross_attention_heads"])
             if cfg["num_conditions"]
@@ -179,21 +151,11 @@ class HistoPrism(PretrainedMixin, nn.Module):
             nn.Dropout(cfg["dropout"]),
             nn.Linear(hidden_dim, cfg["num_outputs"]),
         )
-        self.genes = _check_genes(genes, cfg["num_outputs"])
-        self.units = units or "log1p(counts)"
-        self.checkpoint: str | None = None
+        self._set_outputs(genes, units, cfg["num_outputs"])
 
     @property
     def conditions(self) -> list[str] | None:
         return self.config["conditions"]
-
-    @property
-    def input_dim(self) -> int:
-        return self.config["input_dim"]
-
-    @property
-    def num_outputs(self) -> int:
-        return self.config["num_outputs"]
 
     def _one_hot(self, condition: torch.Tensor | None, batch: int, ref: torch.Tensor) -> torch.Tensor:
         n_cond = self.config["num_conditions"]
