@@ -319,7 +319,7 @@ def test_predict_keeps_the_model_mode(real):
     n_core = len(crops.uns["histoexpr"]["core_genes"])
     torch.manual_seed(0)
     model = ExpressionMLP(n_core_genes=n_core, n_targets=crops.n_vars).train()
-    pred = hx.tl.predict_fusion(model, crops, indices=np.arange(5), device="cpu")
+    pred = hx.tl.predict_fusion(crops, model, indices=np.arange(5), device="cpu")
     assert model.training and pred.shape == (5, crops.n_vars)
     with torch.no_grad():
         expected = model.eval()(None, torch.from_numpy(core_tokens_dense(crops, np.arange(5)))).numpy()
@@ -339,7 +339,7 @@ def test_train_bad_input(real):
     other = ExpressionMLP(n_core_genes=n_core, n_targets=crops.n_vars)
     other.core_genes = list(reversed(crops.uns["histoexpr"]["core_genes"]))
     with pytest.raises(FusionError, match="gene panel mismatch"):
-        hx.tl.predict_fusion(other, crops)
+        hx.tl.predict_fusion(crops, other)
     with pytest.raises(FusionError, match="xenium_crops"):
         hx.tl.train_fusion(_without_tokens(crops), other, epochs=1)
 
@@ -358,5 +358,5 @@ def test_train_on_cuda_with_bf16_autocast(real):
     fit = hx.tl.train_fusion(crops, model, sdata=sdata, split="split", epochs=2, batch_size=16, warmup=0.5,
                              progress=False, device="cuda")
     assert fit.device.startswith("cuda") and np.isfinite(fit.history["val_mse"]).all()
-    pred = hx.tl.predict_fusion(fit, crops, sdata=sdata, device="cuda")
+    pred = hx.tl.predict_fusion(crops, fit, sdata=sdata, device="cuda")
     assert pred.shape == crops.shape and np.isfinite(pred).all()

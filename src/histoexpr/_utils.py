@@ -45,17 +45,6 @@ def check_finite(x: np.ndarray, *, what: str, hint: str = _FEATURES_HINT) -> Non
         )
 
 
-def bf16_autocast(device):
-    """bf16 autocast on CUDA, a no-op context elsewhere."""
-    import contextlib
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def warn(msg: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(msg, category, stacklevel=3)
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import check_finite, resolve_feature_key
+from ._runtime import batched_inference, load_models, model_id, model_info, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,39 +36,12 @@ _MODEL_TYPES = ("sequoia", "he2rna", "transformer")
 # --------------------------------------------------------------------------------------------
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    from .._utils import get_device
-
-    return get_device(device)
-
-
-def _model_attr(model: nn.Module, name: str, default: Any = None) -> Any:
-    value = getattr(model, name, None)
-    if value is None:
-        value = getattr(model, "config", {}).get(name, default) if isinstance(getattr(model, "config", None), dict) else default
-    return value
-
-
-def _load_models(model: Any, device: torch.device) -> list[nn.Module]:
-    from torch import nn
-
-    from histoexpr.models import load_bulk_model
-
-    items = list(model) if isinstance(model, (list, tuple)) else [model]
-    if not items:
-        raise ValueError("`model` is an empty list; pass a model, a checkpoint directory or a list of them")
-    out = []
-    for item in items:
-        if isinstance(item, nn.Module):
-            out.append(item)  # moved to `device` (and eval mode) only for the forward passes
-        elif isinstance(item, (str, os.PathLike)):
-            out.append(load_bulk_model(item).eval())
-        else:
-            raise TypeError(f"`model` must be an nn.Module, a checkpoint path or 'hf-hub:...' id, or a list of those; got {type(item)}")
-    dims = {(_model_attr(m, "input_dim"), _model_attr(m, "num_clusters"), _model_attr(m, "num_outputs")) for m in out}
+def _load_models(model: Any) -> list[nn.Module]:
+    models = load_models(model)
+    dims = {(model_info(m, "input_dim"), model_info(m, "num_clusters"), model_info(m, "num_outputs")) for m in models}
     if len(dims) > 1:
         raise ValueError(f"the fold models differ in (input_dim, num_clusters, num_outputs): {sorted(dims, key=str)}")
-    return out
+    return models
 
 
 def _kmeans_means(features: np.ndarray, n_clusters: int, random_state: int) -> np.ndarray:
@@ -194,18 +168,11 @@ def _forward_batched(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size:
     """Eval-mode forward in batches on ``device``; the model's device and train/eval mode are restored."""
     import torch
 
-    param = next(model.parameters(), None)
-    original_device = param.device if param is not None else device
-    was_training = model.training
-    model.to(device).eval()
-    outs = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                batch = torch.as_tensor(x[start : start + batch_size], dtype=torch.float32).to(device)
-                outs.append(model(batch).float().cpu().numpy())
-    finally:
-        model.to(original_device).train(was_training)
+    def step(rows: slice) -> np.ndarray:
+        return model(torch.as_tensor(x[rows], dtype=torch.float32).to(device)).float().cpu().numpy()
+
+    # fp32: bulk predictions stay identical across devices (the CUDA test compares with the CPU at 1e-3)
+    outs = batched_inference(len(x), batch_size, step, models=[model], device=device, precision="fp32")
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
@@ -279,11 +246,11 @@ def predict_bulk(
     """
     from anndata import AnnData
 
-    dev = _pick_device(device)
-    models = _load_models(model, dev)
+    dev = resolve_device(device)
+    models = _load_models(model)
     ref = models[0]
-    input_dim = _model_attr(ref, "input_dim")
-    k_model = _model_attr(ref, "num_clusters")
+    input_dim = model_info(ref, "input_dim")
+    k_model = model_info(ref, "num_clusters")
     if n_clusters is None:
         n_clusters = k_model or 100
     elif k_model is not None and n_clusters != k_model:
@@ -302,12 +269,12 @@ def predict_bulk(
     )
     preds = [_forward_batched(m, x, batch_size, dev) for m in models]
     n_out = preds[0].shape[1]
-    gene_names = list(genes) if genes is not None else _model_attr(ref, "genes")
+    gene_names = list(genes) if genes is not None else model_info(ref, "genes")
     if gene_names is None:
         gene_names = [f"gene_{i}" for i in range(n_out)]
     if len(gene_names) != n_out:
         raise ValueError(f"{len(gene_names)} gene names for a model with {n_out} outputs")
-    unit = units or _model_attr(ref, "units") or "unknown"
+    unit = units or model_info(ref, "units") or "unknown"
     var = pd.DataFrame(index=pd.Index([str(g) for g in gene_names]))
 
     def _make(values: np.ndarray, model_ids: list[str]) -> AnnData:
@@ -321,7 +288,7 @@ def predict_bulk(
         }
         return out
 
-    ids = [str(getattr(m, "checkpoint", None) or type(m).__name__) for m in models]
+    ids = [model_id(m) for m in models]
     if average_folds or len(models) == 1:
         return _make(np.mean(preds, axis=0), ids)
     return [_make(p, [i]) for p, i in zip(preds, ids)]
@@ -590,7 +557,7 @@ def train_bulk(
     from anndata import AnnData
     from tqdm.auto import tqdm
 
-    dev = _pick_device(device)
+    dev = resolve_device(device)
     units = units or "unknown"
     x = np.asarray(X.detach().cpu().numpy() if hasattr(X, "detach") else X, dtype=np.float32)
     if x.ndim != 3:

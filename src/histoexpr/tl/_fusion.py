@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._utils import bf16_autocast
 from ..pp._xenium import _open_crop_slide, core_counts, xenium_crop_images
+from ._runtime import autocast, batched_inference, load_models, resolve_device
 
 SPLIT_LABELS = ("train", "val", "test", "purged")
 
@@ -208,36 +210,19 @@ class _CropBatches:
         return images, tokens, targets
 
 
-def _device(device):
-    from .._utils import get_device
-
-    return get_device(device)
-
-
 def _predict_torch(model, batches: _CropBatches, idx: np.ndarray, device, batch_size: int,
                    embeddings: bool = False):
-    import torch
+    def step(rows: slice):
+        images, tokens, _ = batches(idx[rows], device, with_targets=False)
+        z = model.embed(images, tokens)
+        y = model.head(z)
+        return y.float().cpu().numpy(), (z.float().cpu().numpy() if embeddings else None)
 
-    was_training = model.training
-    model.eval()
-    preds, embs = [], []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(idx), batch_size):
-                b = idx[start:start + batch_size]
-                images, tokens, _ = batches(b, device, with_targets=False)
-                with bf16_autocast(device):
-                    z = model.embed(images, tokens)
-                    y = model.head(z)
-                preds.append(y.float().cpu().numpy())
-                if embeddings:
-                    embs.append(z.float().cpu().numpy())
-    finally:
-        model.train(was_training)
+    outs = batched_inference(len(idx), batch_size, step, models=[model], device=device)
     n_t = model.head.out_features
-    pred = np.concatenate(preds) if preds else np.zeros((0, n_t), np.float32)
+    pred = np.concatenate([y for y, _ in outs]) if outs else np.zeros((0, n_t), np.float32)
     if embeddings:
-        return pred, (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32))
+        return pred, (np.concatenate([z for _, z in outs]) if outs else np.zeros((0, 0), np.float32))
     return pred
 
 
@@ -395,7 +380,7 @@ def train_fusion(
     if len(val_idx) == 0 and early_stopping is not None:
         raise FusionError("early stopping needs 'val' crops; set val_fraction > 0 or early_stopping=None")
 
-    dev = _device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(dev)
@@ -421,7 +406,7 @@ def train_fusion(
         for start in range(0, len(order), batch_size):
             b = order[start:start + batch_size]
             images, tokens, targets = batches(b, dev)
-            with bf16_autocast(dev):
+            with autocast(dev):
                 pred = model(images, tokens)
             loss = torch.nn.functional.mse_loss(pred.float(), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -457,18 +442,36 @@ def train_fusion(
 
 # ---------------------------------------------------------------------------- prediction
 def _unwrap(model):
-    return model.model if isinstance(model, FusionFit) else model
+    if isinstance(model, FusionFit):
+        return model.model
+    if isinstance(model, (str, os.PathLike)):
+        return load_models(model)[0]
+    return model
 
 
-def predict_fusion(model, crops, *, sdata=None, indices: np.ndarray | None = None, batch_size: int = 64,
+def predict_fusion(crops, model, *, sdata=None, indices: np.ndarray | None = None, batch_size: int = 64,
                    device: str | None = None, embeddings: bool = False):
     """Predictions (log1p add-on counts) of a fusion model or baseline for crops.
+
+    Parameters
+    ----------
+    crops
+        Crop AnnData from :func:`histoexpr.pp.xenium_crops`.
+    model
+        A trained model, a :class:`FusionFit`, or a checkpoint directory written by ``save_pretrained``.
+        (The old order ``predict_fusion(model, crops)`` still works, with a ``DeprecationWarning``.)
 
     Returns ``pred`` ``(n, n_addon)``, or ``(pred, embedding)`` with ``embeddings=True`` (``None`` for
     Min-MAE, which has no embedding).
     """
+    import anndata as ad
+
     from ..models.fusion import MinMAEBaseline
 
+    if isinstance(model, ad.AnnData) and not isinstance(crops, ad.AnnData):
+        warnings.warn("predict_fusion(model, crops) is deprecated; pass the data first: "
+                      "predict_fusion(crops, model)", DeprecationWarning, stacklevel=2)
+        crops, model = model, crops
     model = _unwrap(model)
     info = _crop_info(crops)
     _check_panels(model, info)
@@ -476,15 +479,9 @@ def predict_fusion(model, crops, *, sdata=None, indices: np.ndarray | None = Non
     if isinstance(model, MinMAEBaseline):
         pred = model.predict(np.log1p(core_counts(crops)[idx]))
         return (pred, None) if embeddings else pred
-    dev = _device(device)
-    param = next(model.parameters(), None)
-    original_device = param.device if param is not None else dev
-    model.to(dev)
-    try:
-        batches = _CropBatches(crops, model, sdata=sdata, indices=idx)
-        return _predict_torch(model, batches, idx, dev, batch_size, embeddings=embeddings)
-    finally:
-        model.to(original_device)  # the caller's model stays where it was
+    dev = resolve_device(device)
+    batches = _CropBatches(crops, model, sdata=sdata, indices=idx)
+    return _predict_torch(model, batches, idx, dev, batch_size, embeddings=embeddings)
 
 
 def fuse_xenium(
@@ -553,7 +550,7 @@ def fuse_xenium(
                 crop_kwargs.setdefault("patch_size", int(vit.patch_embed.patch_size[0]))
             crops = xenium_crops(sdata, core_genes=core, addon_genes=addon, **crop_kwargs)
     info = _crop_info(crops)
-    pred, emb = predict_fusion(model_, crops, sdata=sdata, batch_size=batch_size, device=device,
+    pred, emb = predict_fusion(crops, model_, sdata=sdata, batch_size=batch_size, device=device,
                                embeddings=True)
     out = ad.AnnData(X=pred.astype(np.float32), obs=crops.obs.copy(), var=crops.var.copy())
     measured = crops.X.toarray() if sparse.issparse(crops.X) else np.asarray(crops.X)
@@ -630,7 +627,7 @@ def evaluate_fusion(models: Mapping[str, Any], crops, split: str | Sequence, *, 
                                   f"{(crops.n_obs, len(info['addon_genes']))}, got {pred.shape}")
             pred = pred[idx]
         else:
-            pred = predict_fusion(m, crops, sdata=sdata, indices=idx, batch_size=batch_size,
+            pred = predict_fusion(crops, m, sdata=sdata, indices=idx, batch_size=batch_size,
                                   device=device).astype(np.float64)
         df = _per_gene_scores(pred, truth, list(info["addon_genes"]))
         df.insert(0, "model", name)

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
-from .._utils import bf16_autocast, check_finite, get_device, resolve_feature_key, warn
+from .._utils import check_finite, resolve_feature_key, warn
+from ._runtime import accepts_coords, inference, load_models, model_id, model_info, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -74,22 +75,13 @@ def _split_slides(adata: AnnData) -> list[tuple[str, np.ndarray]]:
     return [(str(slide), np.arange(adata.n_obs))]
 
 
-def _model_config(model) -> dict:
-    cfg = getattr(model, "config", None)
-    return cfg if isinstance(cfg, dict) else {}
-
-
 def _model_genes(model) -> list[str] | None:
-    for attr in ("genes", "gene_names"):
-        g = getattr(model, attr, None)
-        if g is not None:
-            return [str(x) for x in g]
-    g = _model_config(model).get("genes")
+    g = model_info(model, "genes")
     return [str(x) for x in g] if g is not None else None
 
 
 def _model_num_outputs(model) -> int | None:
-    n = _model_config(model).get("num_outputs")
+    n = model_info(model, "num_outputs")
     return int(n) if n is not None else None
 
 
@@ -130,18 +122,12 @@ def _select_genes(models: list, genes: Sequence[str] | None) -> tuple[list[str],
 
 
 def _model_units(model, method: str) -> str:
-    units = getattr(model, "units", None) or _model_config(model).get("units")
+    units = model_info(model, "units")
     if units:
         return str(units)
     if method == "direct":
         return "log1p(counts)"
     return "log2(FPKM-UQ+1)"
-
-
-def _model_id(model) -> str:
-    """The checkpoint a model was loaded from (as ``predict_bulk`` records), else its architecture."""
-    cfg = _model_config(model)
-    return str(getattr(model, "checkpoint", None) or cfg.get("name") or cfg.get("architecture") or type(model).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,29 +227,6 @@ def window_index(
     return index, corners
 
 
-def _in_eval_mode(models: list, device: torch.device):
-    """Context: ``models`` in eval mode on ``device``; each model's mode and device are restored after."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        saved = []
-        for m in models:
-            param = next(m.parameters(), None)
-            saved.append((m, m.training, param.device if param is not None else None))
-        try:
-            for m in models:
-                m.eval().to(device)
-            yield
-        finally:
-            for m, training, dev in saved:
-                if dev is not None:
-                    m.to(dev)
-                m.train(training)
-
-    return ctx()
-
-
 def _sliding_window_batched(
     features: np.ndarray,
     index: np.ndarray,
@@ -289,15 +252,13 @@ def _sliding_window_batched(
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="windows", unit="batch")
-    with _in_eval_mode(models, device), torch.inference_mode():
+    with inference(models, device):
         for start in iterator:
             idx = idx_all[start : start + batch_size]
             idx_t = idx.t().contiguous()
             x = feats[idx]  # (B, K, D); padding slots read the zero row
             for model in models:
-                with bf16_autocast(device):
-                    pred = model(x)
-                pred = pred.float()
+                pred = model(x).float()
                 if columns is not None:
                     pred = pred[:, torch.as_tensor(columns, device=device)]
                 if total is None:
@@ -381,7 +342,7 @@ def _slide_grid_shape(adata: AnnData) -> tuple[int, int] | None:
 # predict_spatial
 # --------------------------------------------------------------------------------------------
 def _condition_index(model, condition, slide_id: str) -> int | None:
-    n_cond = _model_config(model).get("num_conditions", 0)
+    n_cond = model_info(model, "num_conditions") or 0
     if not n_cond:
         return None
     if isinstance(condition, Mapping):
@@ -391,21 +352,12 @@ def _condition_index(model, condition, slide_id: str) -> int | None:
             f"the model is conditioned on {n_cond} conditions; pass `condition=` (a label or index, or a "
             "dict slide_id → label)."
         )
-    labels = getattr(model, "conditions", None) or _model_config(model).get("conditions")
+    labels = model_info(model, "conditions")
     if isinstance(condition, (int, np.integer)):
         return int(condition)
     if labels is None or str(condition) not in [str(c) for c in labels]:
         raise ValueError(f"unknown condition {condition!r}; the model knows {labels}.")
     return [str(c) for c in labels].index(str(condition))
-
-
-def _accepts(model, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _predict_direct(features, coords, models, *, columns, device, condition_idx) -> np.ndarray:
@@ -414,13 +366,11 @@ def _predict_direct(features, coords, models, *, columns, device, condition_idx)
     x = torch.from_numpy(features).to(device)
     xy = torch.from_numpy(np.asarray(coords, dtype=np.float32)).to(device)
     total = None
-    with _in_eval_mode(models, device), torch.inference_mode():
+    with inference(models, device):
         for model in models:
             cond = torch.tensor([condition_idx], device=device) if condition_idx is not None else None
-            kwargs = {"coords": xy.unsqueeze(0)} if _accepts(model, "coords") else {}
-            with bf16_autocast(device):
-                pred = model(x.unsqueeze(0), cond, **kwargs)[0]
-            pred = pred.float()
+            kwargs = {"coords": xy.unsqueeze(0)} if accepts_coords(model) else {}
+            pred = model(x.unsqueeze(0), cond, **kwargs)[0].float()
             if columns is not None:
                 pred = pred[:, torch.as_tensor(columns, device=device)]
             total = pred.double() if total is None else total + pred.double()
@@ -465,7 +415,8 @@ def predict_spatial(
         Tiles AnnData (SPEC §1) with features in ``obsm[use_rep]`` and grid ``obs["row"]``/``obs["col"]``.
         Several slides (``obs["slide_id"]``) are processed one by one.
     model
-        A model or a list of fold models (their predictions are averaged).
+        A model, a checkpoint directory written by ``save_pretrained`` (or ``"hf-hub:owner/repo"``),
+        or a list of those, e.g. fold models (their predictions are averaged).
     method
         ``"sliding_window"`` or ``"direct"``.
     use_rep
@@ -503,27 +454,25 @@ def predict_spatial(
 
     if method not in ("sliding_window", "direct"):
         raise ValueError(f"method must be 'sliding_window' or 'direct'; got {method!r}.")
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
-    if not models:
-        raise ValueError("`model` is an empty list.")
+    models = load_models(model)
     if adata_tiles.n_obs == 0:
         raise ValueError("the tiles AnnData is empty: no tissue tiles to predict.")
     rep = resolve_feature_key(adata_tiles, use_rep)
     features = _features(adata_tiles, rep)
-    in_dim = _model_config(models[0]).get("input_dim")
+    in_dim = model_info(models[0], "input_dim")
     if in_dim is not None and features.shape[1] != int(in_dim):
         raise ValueError(
             f"obsm[{rep!r}] has {features.shape[1]} features but the model expects input_dim={in_dim}: "
             "extract features with the encoder the model was trained on."
         )
     gene_names, columns = _select_genes(models, genes)
-    dev = get_device(device)
+    dev = resolve_device(device)
 
     values = np.full((adata_tiles.n_obs, len(gene_names)), np.nan, dtype=np.float32)
     n_windows = np.zeros(adata_tiles.n_obs, dtype=np.int64)
     if method == "sliding_window":
         rows, cols = _grid_coords(adata_tiles)
-        slots = _model_config(models[0]).get("num_clusters")
+        slots = model_info(models[0], "num_clusters")
         if slots is not None and int(slots) != window * window:
             raise ValueError(
                 f"the model takes {slots} tokens but a {window}×{window} window has {window * window} slots."
@@ -570,7 +519,7 @@ def predict_spatial(
     info = _copy.deepcopy(dict(adata_tiles.uns.get(UNS_KEY, {})))
     info.update(
         {
-            "model": _model_id(models[0]),
+            "model": model_id(models[0]),
             "n_models": len(models),
             "method": method,
             "use_rep": rep,
@@ -895,7 +844,7 @@ def train_spatial(
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    dev = get_device(device)
+    dev = resolve_device(device)
     log1p = target_transform == "log1p"
 
     def tensors(s: str):
