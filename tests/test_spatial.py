@@ -355,13 +355,15 @@ def test_train_spatial_on_her2st(her2st_c2, her2st_c3, tmp_path):
     c3 = c3[:, genes[:35]].copy()  # C3 "does not measure" 5 panel genes: masked in its loss
     kw = dict(use_rep="X_enc", genes=genes, condition_key="cancer", train=["C2"], val=["C3"], epochs=30, lr=1e-2,
               patience=10, device="cpu", model_kwargs={"hidden_dim": 32, "nheads": 4, "dim_feedforward": 64})
-    model = hx.tl.train_spatial({"C2": c2, "C3": c3}, checkpoint_dir=tmp_path / "ckpt", seed=0, **kw)
-    h = model.history
+    res = hx.tl.train_spatial({"C2": c2, "C3": c3}, checkpoint_dir=tmp_path / "ckpt", random_state=0, **kw)
+    model, h = res.model, res.model.history
+    assert res.best_epoch == h["best_epoch"] and res.epochs_run == h["epochs_run"] == len(res.history)
+    assert res.best_score == pytest.approx(res.history["val_loss"].min())
     assert model.genes == genes and model.conditions == ["BRCA"]
     assert h["best_epoch"] == int(np.argmin(h["val_loss"])) and len(h["train_loss"]) == h["epochs_run"]
     # same seed → same model (short runs)
     short = {**kw, "epochs": 3}
-    one, two = (hx.tl.train_spatial({"C2": c2, "C3": c3}, seed=5, **short) for _ in range(2))
+    one, two = (hx.tl.train_spatial({"C2": c2, "C3": c3}, random_state=5, **short).model for _ in range(2))
     for (k, v), (_, w) in zip(one.state_dict().items(), two.state_dict().items()):
         torch.testing.assert_close(v, w, msg=k)
     # checkpoint round trip → same predictions through predict_spatial
@@ -392,7 +394,7 @@ def test_train_spatial_without_validation_keeps_last_epoch(her2st_c2, tmp_path):
     a = _with_features(her2st_c2, list(her2st_c2.var_names[:8]), 0)
     kw = dict(use_rep="X_enc", epochs=3, lr=1e-3, device="cpu", seed=1,
               model_kwargs={"hidden_dim": 16, "nheads": 2, "dim_feedforward": 32})
-    model = hx.tl.train_spatial({"C2": a}, checkpoint_dir=tmp_path / "ckpt", **kw)
+    model = hx.tl.train_spatial({"C2": a}, checkpoint_dir=tmp_path / "ckpt", **kw).model
     assert model.history["best_epoch"] == 2 and model.history["epochs_run"] == 3
     assert model.history["val_loss"] == [None, None, None]
     loaded = HistoPrism.from_pretrained(tmp_path / "ckpt")

@@ -77,3 +77,36 @@ def resolve_feature_key(adata, use_rep: str | None = None) -> str:
         f"cannot tell which obsm entry holds the tile features (candidates: {candidates}); pass "
         "use_rep='X_<encoder>' (features come from histoexpr.pp.extract_features)"
     )
+
+
+def renamed_kwargs(**renames: str):
+    """Decorator: accept the old keyword names ``old=new`` for one release, with a DeprecationWarning.
+
+    Example
+    -------
+    >>> @renamed_kwargs(seed="random_state")
+    ... def f(*, random_state=0):
+    ...     return random_state
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     f(seed=3)
+    3
+    """
+    import functools
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {old}= (deprecated) and {new}=; pass only {new}=")
+                    warnings.warn(f"{fn.__name__}({old}=...) is deprecated; use {new}=", DeprecationWarning,
+                                  stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

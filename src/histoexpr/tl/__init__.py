@@ -1,5 +1,6 @@
 """histoexpr.tl"""
 
+from ._runtime import TrainResult
 from ._spatial import map_measured_to_tiles, predict_spatial, train_spatial, window_index
 
 from ._bulk import BulkCVResult, predict_bulk, train_bulk

@@ -8,18 +8,17 @@ untrained "random model" baseline on the same test folds.
 
 from __future__ import annotations
 
-import copy
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .._utils import check_finite, resolve_feature_key
-from ._runtime import batched_inference, load_models, model_id, model_info, resolve_device
+from .._utils import check_finite, renamed_kwargs, resolve_feature_key
+from ._runtime import TrainResult, batched_inference, fit, load_models, model_id, model_info, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -327,6 +326,10 @@ class EarlyStopping:
         self.epochs_without_mse_improvement = 0
         self.epochs_without_corr_improvement = 0
 
+    def update(self, row: Mapping[str, Any]) -> tuple[bool, bool]:
+        """:meth:`step` on an epoch's ``val_mse`` and ``val_corr`` (the interface of the fit loop)."""
+        return self.step(row["val_mse"], row["val_corr"])
+
     def step(self, val_mse: float, val_corr: float) -> tuple[bool, bool]:
         """Record one epoch; return ``(save, stop)``."""
         corr_improved = bool(np.isfinite(val_corr) and val_corr > self.best_corr)
@@ -349,23 +352,24 @@ class EarlyStopping:
         return False, self.epochs_without_corr_improvement >= self.patience
 
 
-def patient_folds(patients: Sequence[Any], *, n_folds: int = 5, seed: int = 0) -> np.ndarray:
+@renamed_kwargs(seed="random_state")
+def patient_folds(patients: Sequence[Any], *, n_folds: int = 5, random_state: int = 0) -> np.ndarray:
     """Assign every slide a fold so that all slides of a patient share one fold.
 
-    Patients are shuffled with ``seed`` and dealt round-robin into ``n_folds`` folds (patient
-    counts per fold differ by at most one). Deterministic for a given seed.
+    Patients are shuffled with ``random_state`` and dealt round-robin into ``n_folds`` folds (patient
+    counts per fold differ by at most one). Deterministic for a given ``random_state``.
 
     Example
     -------
     >>> from histoexpr.tl._bulk import patient_folds
-    >>> patient_folds(["a", "a", "b", "c", "d"], n_folds=2, seed=0).tolist()
+    >>> patient_folds(["a", "a", "b", "c", "d"], n_folds=2, random_state=0).tolist()
     [1, 1, 0, 0, 1]
     """
     patients = np.asarray(patients).astype(str)
     unique = np.unique(patients)
     if len(unique) < n_folds:
         raise ValueError(f"{len(unique)} patients cannot be split into n_folds={n_folds} folds")
-    order = np.random.default_rng(seed).permutation(len(unique))
+    order = np.random.default_rng(random_state).permutation(len(unique))
     fold_of = {unique[i]: pos % n_folds for pos, i in enumerate(order)}
     return np.array([fold_of[p] for p in patients], dtype=int)
 
@@ -439,46 +443,20 @@ def _as_targets(Y: Any, genes: Sequence[str] | None) -> tuple[np.ndarray, list[s
     return y, names
 
 
-@dataclass
-class BulkCVResult:
-    """What :func:`train_bulk` returns.
+#: Old name of :class:`~histoexpr.tl.TrainResult` (what ``train_bulk`` returned), kept for one release.
+BulkCVResult = TrainResult
 
-    Attributes
-    ----------
-    predictions
-        AnnData slides × genes: ``X`` = pooled test-fold predictions of the trained models,
-        ``layers["random"]`` = predictions of the untrained same-architecture models on the same
-        test folds, ``layers["truth"]`` = the targets; ``obs``: ``patient``, ``fold``.
-    folds
-        One row per fold: slide/patient counts, best epoch, best validation MSE and correlation,
-        the epoch training stopped, the checkpoint directory.
-    history
-        One row per fold and epoch: training loss, validation MSE and mean per-gene correlation,
-        whether the epoch was saved.
-    models
-        The trained models (best checkpoint of each fold, on CPU, eval mode).
-    """
-
-    predictions: AnnData
-    folds: pd.DataFrame
-    history: pd.DataFrame
-    models: list = field(default_factory=list)
-
-    def well_predicted_genes(self, **kwargs: Any) -> pd.DataFrame:
-        """:func:`histoexpr.metrics.well_predicted_genes` on the pooled test predictions."""
-        from histoexpr.metrics import well_predicted_genes
-
-        p = self.predictions
-        return well_predicted_genes(p.X, p.layers["truth"], p.layers["random"], genes=list(p.var_names), **kwargs)
+_HISTORY_COLUMNS = ("epoch", "train_loss", "val_mse", "val_corr", "saved")
 
 
+@renamed_kwargs(seed="random_state", out_dir="checkpoint_dir", model_config="model_kwargs")
 def train_bulk(
     X: Any,
     Y: Any,
     patients: Sequence[Any],
     *,
     model: str | Callable[..., nn.Module] = "sequoia",
-    model_config: Mapping[str, Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     genes: Sequence[str] | None = None,
     folds: Sequence[Any] | None = None,
     n_folds: int = 5,
@@ -490,13 +468,13 @@ def train_bulk(
     max_epochs: int = 200,
     patience: int = 20,
     delta: float = 0.5,
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
+    random_state: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     units: str | None = None,
     slide_ids: Sequence[str] | None = None,
     progress: bool = True,
-) -> BulkCVResult:
+) -> TrainResult:
     """Train a bulk aggregator with the SEQUOIA protocol: patient-level K-fold cross-validation.
 
     For each fold: the other folds' patients are split into training and validation
@@ -517,22 +495,22 @@ def train_bulk(
         Patient id of every slide; all slides of a patient go to the same fold.
     model
         ``"sequoia"``, ``"he2rna"``, ``"transformer"`` or a callable
-        ``f(num_outputs=, input_dim=, num_clusters=, **model_config) -> nn.Module``.
-    model_config
+        ``f(num_outputs=, input_dim=, num_clusters=, **model_kwargs) -> nn.Module``.
+    model_kwargs
         Extra architecture options (e.g. ``{"depth": 2, "nheads": 4}``).
     genes
         Gene names (default: ``Y``'s columns / var_names).
     folds
         Explicit fold label per slide (checked: a patient may not span folds). Default: patients
-        shuffled with ``seed`` and dealt into ``n_folds`` folds.
+        shuffled with ``random_state`` and dealt into ``n_folds`` folds.
     n_folds, val_fraction, lr, weight_decay, optimizer, batch_size, max_epochs, patience, delta
         Protocol settings; defaults are the paper's (5 folds, 10 %, 1e-3, Adam, 16, 200, 20, 0.5).
-    seed
+    random_state
         Seeds folds, validation split, initialisation, batch order and the random models.
-    out_dir
-        If given, each fold's best model is saved to ``out_dir/fold_<i>`` in the Hugging Face
+    checkpoint_dir
+        If given, each fold's best model is saved to ``checkpoint_dir/fold_<i>`` in the Hugging Face
         layout (reload with ``Sequoia.from_pretrained`` / ``models.load_bulk_model``), and the
-        pooled predictions to ``out_dir/cv_predictions.h5ad``.
+        pooled predictions to ``checkpoint_dir/cv_predictions.h5ad``.
     device
         Default CUDA when available, else CPU.
     units
@@ -544,18 +522,17 @@ def train_bulk(
 
     Returns
     -------
-    :class:`BulkCVResult` with pooled test predictions, random-model predictions, per-fold
+    :class:`~histoexpr.tl.TrainResult` with pooled test ``predictions`` (incl. random-model ones), per-fold
     summaries, training history and the trained models.
 
     Example
     -------
     >>> import histoexpr as hx
-    >>> res = hx.tl.train_bulk(X, Y, patients, model="sequoia", out_dir="cv_brca")  # doctest: +SKIP
+    >>> res = hx.tl.train_bulk(X, Y, patients, model="sequoia", checkpoint_dir="cv_brca")  # doctest: +SKIP
     >>> res.well_predicted_genes()["well_predicted"].sum()  # doctest: +SKIP
     """
     import torch
     from anndata import AnnData
-    from tqdm.auto import tqdm
 
     dev = resolve_device(device)
     units = units or "unknown"
@@ -567,7 +544,8 @@ def train_bulk(
     patients = np.asarray(patients).astype(str)
     if not (len(x) == len(y) == len(patients)):
         raise ValueError(f"X, Y and patients must have one entry per slide; got {len(x)}, {len(y)}, {len(patients)}")
-    fold_of = _check_folds(folds, patients) if folds is not None else patient_folds(patients, n_folds=n_folds, seed=seed)
+    fold_of = (_check_folds(folds, patients) if folds is not None
+               else patient_folds(patients, n_folds=n_folds, random_state=random_state))
     fold_labels = list(pd.unique(fold_of))
     n, k, d = x.shape
     g = y.shape[1]
@@ -581,31 +559,28 @@ def train_bulk(
     test_pred = np.full((n, g), np.nan, np.float32)
     random_pred = np.full((n, g), np.nan, np.float32)
     fold_rows, history_rows, trained = [], [], []
-    out_path = Path(out_dir) if out_dir is not None else None
+    out_path = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    t_start = time.perf_counter()
 
     for fold_index, label in enumerate(fold_labels):
         test_idx = np.flatnonzero(fold_of == label)
         rest = np.flatnonzero(fold_of != label)
-        rng = np.random.default_rng([seed, fold_index])
+        rng = np.random.default_rng([random_state, fold_index])
         train_idx, val_idx = _validation_split(rest, patients, val_fraction, rng)
 
-        torch.manual_seed(seed * 1000 + fold_index)
-        random_model = _build_model(model, g, d, k, model_config, gene_names, units, dev).to(dev)
+        torch.manual_seed(random_state * 1000 + fold_index)
+        random_model = _build_model(model, g, d, k, model_kwargs, gene_names, units, dev).to(dev)
         random_pred[test_idx] = _forward_batched(random_model, x_t[test_idx], batch_size, dev)
         del random_model
 
-        torch.manual_seed(seed * 1000 + 500 + fold_index)
-        net = _build_model(model, g, d, k, model_config, gene_names, units, dev).to(dev)
+        torch.manual_seed(random_state * 1000 + 500 + fold_index)
+        net = _build_model(model, g, d, k, model_kwargs, gene_names, units, dev).to(dev)
         opt = opt_cls(net.parameters(), lr=lr, weight_decay=weight_decay)
         loss_fn = torch.nn.MSELoss()
-        stopper = EarlyStopping(patience=patience, delta=delta)
-        gen = torch.Generator().manual_seed(seed * 1000 + fold_index)
-        best_state = copy.deepcopy(net.state_dict())
-        best_epoch, best_mse, best_corr, last_epoch = -1, np.nan, np.nan, -1
+        gen = torch.Generator().manual_seed(random_state * 1000 + fold_index)
         y_val = y[val_idx]
-        bar = tqdm(range(max_epochs), desc=f"fold {fold_index + 1}/{len(fold_labels)}", disable=not progress, leave=False)
-        for epoch in bar:
-            net.train()
+
+        def train_epoch(epoch: int, net=net, opt=opt, gen=gen, train_idx=train_idx, loss_fn=loss_fn) -> dict:
             order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
             total = 0.0
             for start in range(0, len(order), batch_size):
@@ -616,23 +591,20 @@ def train_bulk(
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
+            return {"train_loss": total / len(train_idx)}
+
+        def validate(net=net, val_idx=val_idx, y_val=y_val) -> dict:
             val = _forward_batched(net, x_t[val_idx], max(batch_size, 64), dev)
-            val_mse = float(np.mean((val - y_val) ** 2))
-            val_corr = _mean_gene_correlation(val, y_val)
-            save, stop = stopper.step(val_mse, val_corr)
-            if save:
-                best_state = copy.deepcopy(net.state_dict())
-                best_epoch, best_mse, best_corr = epoch, val_mse, val_corr
-            history_rows.append(
-                {"fold": fold_index, "epoch": epoch, "train_loss": total / len(train_idx), "val_mse": val_mse, "val_corr": val_corr, "saved": save}
-            )
-            bar.set_postfix(val_mse=f"{val_mse:.4f}", val_corr=f"{val_corr:.3f}")
-            last_epoch = epoch
-            if stop:
-                break
-        bar.close()
-        net.load_state_dict(best_state)
-        net.eval()
+            return {"val_mse": float(np.mean((val - y_val) ** 2)), "val_corr": _mean_gene_correlation(val, y_val)}
+
+        log = fit(net, train_epoch, max_epochs=max_epochs, validate=validate,
+                  stopper=EarlyStopping(patience=patience, delta=delta), progress=progress,
+                  desc=f"fold {fold_index + 1}/{len(fold_labels)}", leave=False)
+        best_epoch = log.best_epoch
+        best_mse = log.best_row["val_mse"] if log.best_row else np.nan
+        best_corr = log.best_row["val_corr"] if log.best_row else np.nan
+        last_epoch = log.rows[-1]["epoch"] if log.rows else -1
+        history_rows += [{"fold": fold_index, **{c: r[c] for c in _HISTORY_COLUMNS}} for r in log.rows]
         test_pred[test_idx] = _forward_batched(net, x_t[test_idx], batch_size, dev)
         checkpoint = ""
         if out_path is not None and hasattr(net, "save_pretrained"):
@@ -642,7 +614,7 @@ def train_bulk(
                 "best_epoch": best_epoch,
                 "best_val_mse": best_mse,
                 "best_val_corr": best_corr,
-                "seed": seed,
+                "random_state": random_state,
                 "test_patients": sorted(np.unique(patients[test_idx]).tolist()),
             }
             checkpoint = str(net.save_pretrained(out_path / f"fold_{fold_index}", metadata=meta))
@@ -668,7 +640,8 @@ def train_bulk(
     result.layers["random"] = random_pred
     result.layers["truth"] = y.copy()
     model_name = model if isinstance(model, str) else getattr(model, "__name__", "custom")
-    result.uns["histoexpr"] = {"units": units, "model": model_name, "n_folds": len(fold_labels), "seed": seed}
+    result.uns["histoexpr"] = {"units": units, "model": model_name, "n_folds": len(fold_labels),
+                               "random_state": random_state}
     folds_df = pd.DataFrame(fold_rows)
     history = pd.DataFrame(history_rows)
     if out_path is not None:
@@ -676,4 +649,6 @@ def train_bulk(
         result.write_h5ad(out_path / "cv_predictions.h5ad")
         folds_df.to_csv(out_path / "folds.csv", index=False)
         history.to_csv(out_path / "history.csv", index=False)
-    return BulkCVResult(predictions=result, folds=folds_df, history=history, models=trained)
+    return TrainResult(predictions=result, folds=folds_df, history=history, models=trained,
+                       epochs_run=int(folds_df["stopped_epoch"].max()) + 1 if len(folds_df) else 0,
+                       seconds=time.perf_counter() - t_start, device=str(dev))

@@ -1,9 +1,9 @@
-"""Training, prediction and evaluation for Xenium early fusion and its baselines (SPEC §3.5).
+"""Training, prediction and evaluation for Xenium early fusion and its baselines .
 
 Workflow::
 
     crops = hx.pp.xenium_crops(sdata, core_genes=core, addon_genes=addon)
-    crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, seed=0)
+    crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, random_state=0)
     fit = hx.tl.train_fusion(crops, hx.models.FusionViT(n_core_genes=len(core), n_targets=len(addon)),
                              sdata=sdata, split="split")
     scores = hx.tl.evaluate_fusion({"early-add": fit}, crops, split="split", sdata=sdata)
@@ -18,15 +18,15 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._utils import renamed_kwargs
 from ..pp._xenium import _open_crop_slide, core_counts, xenium_crop_images
-from ._runtime import autocast, batched_inference, load_models, resolve_device
+from ._runtime import Patience, TrainResult, autocast, batched_inference, fit, load_models, resolve_device
 
 SPLIT_LABELS = ("train", "val", "test", "purged")
 
@@ -85,9 +85,10 @@ def _group_split(idx: np.ndarray, groups: np.ndarray, fraction: float, seed: int
     return idx[a], idx[b]
 
 
+@renamed_kwargs(seed="random_state")
 def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
                  block_size_um: float | None = None, test_fraction: float = 0.25,
-                 val_fraction: float = 0.2, purge: bool | str = True, seed: int = 0) -> pd.Series:
+                 val_fraction: float = 0.2, purge: bool | str = True, random_state: int = 0) -> pd.Series:
     """Group-aware train/val/test split of crops (scikit-learn ``GroupShuffleSplit``).
 
     Parameters
@@ -103,7 +104,7 @@ def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
         Label ``"purged"`` the training crops that overlap a validation or test crop (overlapping crops
         share pixels and transcripts, which would leak); ``"test"``: only those overlapping a test crop
         (validation then slightly favours the training area, the test score stays clean).
-    seed
+    random_state
         Random seed.
 
     Returns
@@ -112,7 +113,7 @@ def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
 
     Example
     -------
-    >>> crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, seed=0)
+    >>> crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, random_state=0)
     """
     info = _crop_info(crops)
     g = groups if groups is not None else spatial_blocks(crops, block_size_um=block_size_um)
@@ -120,11 +121,11 @@ def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
     labels = np.full(crops.n_obs, "train", dtype=object)
     rest = np.arange(crops.n_obs)
     if test_fraction > 0:
-        rest, test = _group_split(rest, g, test_fraction, seed)
+        rest, test = _group_split(rest, g, test_fraction, random_state)
         labels[test] = "test"
     if val_fraction > 0:
         frac = min(val_fraction / max(1 - test_fraction, 1e-9), 0.9)
-        _, val = _group_split(rest, g, frac, seed + 1)
+        _, val = _group_split(rest, g, frac, random_state + 1)
         labels[val] = "val"
     if purge:
         from scipy.spatial import cKDTree
@@ -227,17 +228,8 @@ def _predict_torch(model, batches: _CropBatches, idx: np.ndarray, device, batch_
 
 
 # ---------------------------------------------------------------------------- training
-@dataclass
-class FusionFit:
-    """Result of :func:`train_fusion`: the trained model (best validation epoch) and its record."""
-
-    model: Any
-    split: pd.Series
-    history: pd.DataFrame = field(default_factory=pd.DataFrame)
-    best_epoch: int | None = None
-    best_val_mse: float | None = None
-    seconds: float = 0.0
-    device: str = "cpu"
+#: Old name of :class:`~histoexpr.tl.TrainResult` (what ``train_fusion`` returned), kept for one release.
+FusionFit = TrainResult
 
 
 def _check_panels(model, info) -> None:
@@ -284,6 +276,7 @@ def _lr_lambda(base_lr: float, min_lr: float, warmup_steps: int, total_steps: in
     return f
 
 
+@renamed_kwargs(epochs="max_epochs", early_stopping="patience", seed="random_state")
 def train_fusion(
     crops,
     model,
@@ -292,7 +285,7 @@ def train_fusion(
     split: str | Sequence | None = None,
     groups: str | Sequence | np.ndarray | None = None,
     val_fraction: float = 0.2,
-    epochs: int = 35,
+    max_epochs: int = 35,
     lr_backbone: float = 1e-5,
     lr_head: float = 1e-4,
     min_lr: float = 1e-6,
@@ -300,11 +293,12 @@ def train_fusion(
     warmup: float = 5,
     grad_clip: float | None = 1.0,
     batch_size: int = 64,
-    early_stopping: int | None = 10,
-    seed: int = 0,
+    patience: int | None = 10,
+    random_state: int = 0,
     device: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
-) -> FusionFit:
+) -> TrainResult:
     """Train a fusion model or baseline on Xenium crops (MSE on log1p add-on counts).
 
     AdamW with separate learning rates for the ViT backbone and everything else (expression MLP,
@@ -324,32 +318,34 @@ def train_fusion(
     split
         Obs column or array with ``train``/``val``/``test``/``purged`` (see :func:`fusion_split`); only
         ``train`` crops are trained on and ``val`` drives early stopping. Default: a group-aware
-        train/val split (``groups``, ``val_fraction``, ``seed``) without test.
-    epochs, lr_backbone, lr_head, min_lr, weight_decay, warmup, grad_clip, batch_size
+        train/val split (``groups``, ``val_fraction``, ``random_state``) without test.
+    max_epochs, lr_backbone, lr_head, min_lr, weight_decay, warmup, grad_clip, batch_size
         Optimisation settings (``warmup`` in epochs, may be fractional).
-    early_stopping
-        Patience in epochs (``None``: train all epochs, still keep the best).
-    seed
+    patience
+        Early-stopping patience in epochs (``None``: train all epochs, still keep the best).
+    random_state
         Seeds torch and the batch order.
     device
         Default CUDA when available.
+    checkpoint_dir
+        If given, the best model so far is saved there (``save_pretrained`` layout; reload with
+        ``FusionViT.from_pretrained`` or :func:`histoexpr.models.load_model`).
     progress
         Show a tqdm bar over epochs.
 
     Returns
     -------
-    :class:`FusionFit` with ``model`` (also set: ``model.core_genes``/``model.target_genes``),
+    :class:`~histoexpr.tl.TrainResult` with ``model`` (also set: ``model.core_genes``/``model.target_genes``),
     ``history`` (per-epoch train loss, validation MSE, learning rate, seconds), ``split``,
-    ``best_epoch``, ``best_val_mse``.
+    ``best_epoch``, ``best_score`` (validation MSE; old name ``best_val_mse``).
 
     Example
     -------
     >>> model = hx.models.FusionViT(n_core_genes=150, n_targets=50, fusion="add")
-    >>> fit = hx.tl.train_fusion(crops, model, sdata=sdata, split="split", epochs=20)
+    >>> fit = hx.tl.train_fusion(crops, model, sdata=sdata, split="split", max_epochs=20)
     >>> fit.history[["train_loss", "val_mse"]].plot()
     """
     import torch
-    from tqdm.auto import tqdm
 
     from ..models.fusion import MinMAEBaseline
 
@@ -357,7 +353,7 @@ def train_fusion(
     _check_panels(model, info)
     if split is None:
         labels = fusion_split(crops, groups=groups, test_fraction=0.0, val_fraction=val_fraction,
-                              seed=seed).astype(str).to_numpy()
+                              random_state=random_state).astype(str).to_numpy()
     else:
         labels = _split_labels(crops, split)
     split_series = pd.Series(pd.Categorical(labels, categories=list(SPLIT_LABELS)), index=crops.obs_names,
@@ -375,14 +371,14 @@ def train_fusion(
                   target_genes=info["addon_genes"])
         val_mse = float(np.mean((model.predict(core[val_idx]) - targets[val_idx]) ** 2)) \
             if len(val_idx) else None
-        return FusionFit(model=model, split=split_series, best_val_mse=val_mse,
-                         seconds=time.perf_counter() - t0, device="cpu")
-    if len(val_idx) == 0 and early_stopping is not None:
-        raise FusionError("early stopping needs 'val' crops; set val_fraction > 0 or early_stopping=None")
+        return TrainResult(model=model, models=[model], split=split_series, best_score=val_mse,
+                           seconds=time.perf_counter() - t0, device="cpu")
+    if len(val_idx) == 0 and patience is not None:
+        raise FusionError("early stopping needs 'val' crops; set val_fraction > 0 or patience=None")
 
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    torch.manual_seed(random_state)
+    rng = np.random.default_rng(random_state)
     model.to(dev)
     model.core_genes, model.target_genes = list(info["core_genes"]), list(info["addon_genes"])
     batches = _CropBatches(crops, model, sdata=sdata, indices=np.concatenate([train_idx, val_idx]))
@@ -390,17 +386,12 @@ def train_fusion(
     groups_ = _param_groups(model, lr_backbone, lr_head, weight_decay)
     optimizer = torch.optim.AdamW(groups_)
     steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    total = steps_per_epoch * epochs
+    total = steps_per_epoch * max_epochs
     warm = int(round(warmup * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [_lr_lambda(g["lr"], min_lr, warm, total) for g in groups_])
 
-    history, best, best_state, stale = [], (math.inf, None), None, 0
-    t_start = time.perf_counter()
-    bar = tqdm(range(epochs), desc="train_fusion", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
+    def train_epoch(epoch: int) -> dict:
         order = rng.permutation(train_idx)
         losses = []
         for start in range(0, len(order), batch_size):
@@ -416,28 +407,26 @@ def train_fusion(
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()) * len(b))
-        row = {"epoch": epoch, "train_loss": sum(losses) / len(order),
-               "lr_head": optimizer.param_groups[-1]["lr"]}
-        if len(val_idx):
-            pv = _predict_torch(model, batches, val_idx, dev, batch_size)
-            row["val_mse"] = float(np.mean((pv - batches.targets[val_idx]) ** 2))
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        score = row.get("val_mse", row["train_loss"])
-        if score < best[0]:
-            best, stale = (score, epoch), 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            stale += 1
-        bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row.get('val_mse', float('nan')):.4f}")
-        if early_stopping is not None and stale >= early_stopping:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return FusionFit(model=model, split=split_series, history=pd.DataFrame(history), best_epoch=best[1],
-                     best_val_mse=best[0] if len(val_idx) else None,
-                     seconds=time.perf_counter() - t_start, device=str(dev))
+        return {"train_loss": sum(losses) / len(order), "lr_head": optimizer.param_groups[-1]["lr"]}
+
+    def validate() -> dict:
+        pv = _predict_torch(model, batches, val_idx, dev, batch_size)
+        return {"val_mse": float(np.mean((pv - batches.targets[val_idx]) ** 2))}
+
+    def save(epoch: int, row: dict) -> None:
+        model.save_pretrained(checkpoint_dir, metadata={"epoch": epoch, "val_mse": row.get("val_mse"),
+                                                        "random_state": random_state})
+
+    t_start = time.perf_counter()
+    log = fit(model, train_epoch, max_epochs=max_epochs, validate=validate if len(val_idx) else None,
+              stopper=Patience(patience, "val_mse" if len(val_idx) else "train_loss"),
+              on_save=save if checkpoint_dir is not None else None, timed=True, progress=progress,
+              desc="train_fusion")
+    best = log.best_row or {}
+    return TrainResult(model=model, models=[model], split=split_series,
+                       history=pd.DataFrame(log.rows).drop(columns="saved"), best_epoch=log.best_epoch,
+                       best_score=best.get("val_mse") if len(val_idx) else None, epochs_run=len(log.rows),
+                       seconds=time.perf_counter() - t_start, device=str(dev))
 
 
 # ---------------------------------------------------------------------------- prediction

@@ -13,16 +13,22 @@ explicitly. Outputs are always returned as float32.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+import pandas as pd
 
 from .._utils import get_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["autocast", "batched_inference", "eval_on", "inference", "load_models", "resolve_device"]
+__all__ = ["TrainResult", "autocast", "batched_inference", "eval_on", "fit", "inference", "load_models",
+           "resolve_device"]
 
 Precision = Literal["auto", "bf16", "fp32"]
 
@@ -149,6 +155,8 @@ def load_models(model: Any, *, loader: Callable[[str | os.PathLike], Any] | None
         from ..models import load_model as loader
     out = []
     for item in items:
+        if isinstance(item, TrainResult):
+            item = item.model
         if isinstance(item, (str, os.PathLike)):
             out.append(loader(item).eval())
         elif callable(getattr(item, "forward", None)) or hasattr(item, "predict"):
@@ -184,3 +192,162 @@ def accepts_coords(model: Any) -> bool:
         return "coords" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# training: one fit loop, one result
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What every ``tl.train_*`` returns.
+
+    Attributes
+    ----------
+    model
+        The trained model (weights of the best epoch, eval mode); ``None`` for cross-validation, where
+        ``models`` holds one model per fold.
+    history
+        One row per epoch (and fold): ``epoch``, ``train_loss``, the validation metrics, ...
+    best_epoch
+        Epoch whose weights were kept (``-1`` when no epoch was kept).
+    best_score
+        Validation loss of that epoch (training loss when there was no validation data).
+    epochs_run
+        Epochs trained (per fold for cross-validation: see ``folds``).
+    models
+        Trained models: one per fold (``train_bulk``), else ``[model]``.
+    predictions
+        ``train_bulk``: pooled held-out predictions (AnnData slides × genes, layers ``random`` and ``truth``).
+    folds
+        ``train_bulk``: one row per fold (sizes, best epoch, checkpoint).
+    split
+        ``train_fusion``: the train/val/test label of each crop.
+    test_loss
+        ``train_spatial``: mean loss on the test slides (``None`` without them).
+    seconds, device
+        Wall time and the device trained on.
+
+    For one release the old result shapes keep working: ``BulkCVResult`` and ``FusionFit`` are this
+    class, ``best_val_mse`` is ``best_score``, and attributes of ``model`` (``train_spatial`` used to
+    return the model itself) are reachable on the result with a ``DeprecationWarning``.
+    """
+
+    model: Any = None
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    best_epoch: int | None = None
+    best_score: float | None = None
+    epochs_run: int | None = None
+    models: list = field(default_factory=list)
+    predictions: Any = None
+    folds: pd.DataFrame | None = None
+    split: pd.Series | None = None
+    test_loss: float | None = None
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def best_val_mse(self) -> float | None:
+        """Old name (``FusionFit``) of :attr:`best_score`."""
+        return self.best_score
+
+    def well_predicted_genes(self, **kwargs: Any) -> pd.DataFrame:
+        """:func:`histoexpr.metrics.well_predicted_genes` on the pooled held-out predictions (``train_bulk``)."""
+        from histoexpr.metrics import well_predicted_genes
+
+        p = self.predictions
+        if p is None or "random" not in getattr(p, "layers", {}):
+            raise ValueError("well_predicted_genes needs the cross-validated predictions of train_bulk")
+        return well_predicted_genes(p.X, p.layers["truth"], p.layers["random"], genes=list(p.var_names), **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # compatibility: train_spatial used to return the model itself
+        model = self.__dict__.get("model")
+        if name.startswith("__") or model is None or not hasattr(model, name):
+            raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+        warnings.warn(f"TrainResult.{name} is deprecated: use TrainResult.model.{name}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(model, name)
+
+
+class Patience:
+    """Keep the epoch with the lowest ``monitor``; stop after ``patience`` epochs without improvement
+    (``patience=None``: never stop early)."""
+
+    def __init__(self, patience: int | None, monitor: str):
+        self.patience, self.monitor = patience, monitor
+        self.best = math.inf
+        self.stale = 0
+
+    def update(self, row: Mapping[str, Any]) -> tuple[bool, bool]:
+        """Record one epoch's metrics; return ``(save, stop)``."""
+        score = row[self.monitor]
+        if score < self.best:
+            self.best, self.stale = score, 0
+            return True, False
+        self.stale += 1
+        return False, self.patience is not None and self.stale >= self.patience
+
+
+@dataclass
+class FitLog:
+    rows: list[dict]
+    best_epoch: int
+    best_row: dict | None
+
+
+def _snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fit(
+    model,
+    train_epoch: Callable[[int], Mapping[str, Any]],
+    *,
+    max_epochs: int,
+    validate: Callable[[], Mapping[str, Any]] | None = None,
+    stopper: Any = None,
+    on_save: Callable[[int, dict], None] | None = None,
+    timed: bool = False,
+    progress: bool = False,
+    desc: str = "epochs",
+    leave: bool = True,
+) -> FitLog:
+    """The fit loop of every trainer.
+
+    Each epoch: ``model.train()``, ``train_epoch(epoch)`` (returns e.g. ``{"train_loss": ...}``), then
+    ``validate()`` (returns the validation metrics). ``stopper.update(row)`` says whether to keep these
+    weights and whether to stop (``None``: keep every epoch, i.e. the last). Kept weights are copied;
+    ``on_save(epoch, row)`` runs after each (e.g. writes a checkpoint). At the end the kept weights are
+    loaded (the initial ones when no epoch was kept) and the model is put in eval mode.
+    """
+    import time
+
+    if int(max_epochs) < 1:
+        raise ValueError(f"max_epochs must be ≥ 1, got {max_epochs}.")
+    from tqdm.auto import tqdm
+
+    best_state, best_epoch, best_row = _snapshot(model), -1, None
+    rows: list[dict] = []
+    bar = tqdm(range(int(max_epochs)), desc=desc, disable=not progress, leave=leave)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        row: dict[str, Any] = {"epoch": epoch, **train_epoch(epoch)}
+        if validate is not None:
+            row.update(validate())
+        if timed:
+            row["seconds"] = time.perf_counter() - t0
+        save, stop = stopper.update(row) if stopper is not None else (True, False)
+        row["saved"] = save
+        rows.append(row)
+        if save:
+            best_state, best_epoch, best_row = _snapshot(model), epoch, row
+            if on_save is not None:
+                on_save(epoch, row)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if isinstance(v, float)})
+        if stop:
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitLog(rows, best_epoch, best_row)

@@ -12,7 +12,7 @@ Tiles centred on measured spots (to predict exactly where expression was measure
 from __future__ import annotations
 
 import copy as _copy
-import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,8 +21,18 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
-from .._utils import check_finite, resolve_feature_key, warn
-from ._runtime import accepts_coords, inference, load_models, model_id, model_info, resolve_device
+from .._utils import check_finite, renamed_kwargs, resolve_feature_key, warn
+from ._runtime import (
+    Patience,
+    TrainResult,
+    accepts_coords,
+    fit,
+    inference,
+    load_models,
+    model_id,
+    model_info,
+    resolve_device,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -730,6 +740,7 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, gene_mask: torch.Tenso
     return ((pred - target) ** 2 * m).sum() / m.sum()
 
 
+@renamed_kwargs(epochs="max_epochs", seed="random_state")
 def train_spatial(
     adatas,
     *,
@@ -741,13 +752,13 @@ def train_spatial(
     train: Sequence[str] | None = None,
     val: Sequence[str] | None = None,
     test: Sequence[str] | None = None,
-    epochs: int = 300,
+    max_epochs: int = 300,
     lr: float = 5e-5,
     weight_decay: float = 0.01,
     grad_clip: float = 1.0,
     patience: int = 30,
     max_tiles: int = 4096,
-    seed: int = 0,
+    random_state: int = 0,
     device: Any = None,
     checkpoint_dir: str | Path | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
@@ -759,7 +770,7 @@ def train_spatial(
     ``obsm[use_rep]`` → ``log1p`` counts, masked MSE (genes a slide does not measure are left out of its
     loss), AdamW, gradient clipping. After every epoch the mean MSE on the validation slides decides
     early stopping (``patience`` epochs without improvement); the best weights are restored. Without
-    validation slides it trains for ``epochs`` epochs and keeps the last weights.
+    validation slides it trains for ``max_epochs`` epochs and keeps the last weights.
 
     Parameters
     ----------
@@ -779,13 +790,13 @@ def train_spatial(
         obs column / uns key with the slide condition (e.g. cancer type); ``None`` = unconditioned.
     train, val, test
         Slide ids of each split (slide-level splits; no slide may be in two). Default: all slides train,
-        no validation (then training runs ``epochs`` epochs).
-    epochs, lr, weight_decay, grad_clip, patience
+        no validation (then training runs ``max_epochs`` epochs).
+    max_epochs, lr, weight_decay, grad_clip, patience
         Optimisation (SPEC §3.4 defaults: AdamW lr 5e-5, weight decay 0.01, clip 1.0).
     max_tiles
         Largest number of tiles per training step (random subset of larger slides).
-    seed
-        Seeds torch and numpy: same data + seed = same model (on CPU).
+    random_state
+        Seeds torch and numpy: same data + ``random_state`` = same model (on CPU).
     device
         Torch device; default CUDA when available.
     checkpoint_dir
@@ -799,14 +810,16 @@ def train_spatial(
 
     Returns
     -------
-    The trained :class:`~histoexpr.models.HistoPrism` (best validation epoch) in eval mode, with
-    ``.genes``, ``.conditions``, ``.units`` and ``.history`` (dict with per-epoch ``train_loss`` and
-    ``val_loss``, ``best_epoch``, ``test_loss``, the splits).
+    :class:`~histoexpr.tl.TrainResult`: ``model`` is the trained :class:`~histoexpr.models.HistoPrism`
+    (best validation epoch, eval mode, with ``.genes``, ``.conditions``, ``.units``); ``history`` has one
+    row per epoch (``train_loss``, ``val_loss``); ``best_epoch``, ``epochs_run``, ``test_loss``.
+    (Until now the model itself was returned, with a ``.history`` dict; that dict is still set on
+    ``model``, and model attributes on the result still work, with a ``DeprecationWarning``.)
 
     Examples
     --------
     >>> model = hx.tl.train_spatial({"C2": c2, "C3": c3, "C4": c4}, use_rep="X_hed_stats",
-    ...                             train=["C2", "C3"], val=["C4"], epochs=300)  # doctest: +SKIP
+    ...                             train=["C2", "C3"], val=["C4"], max_epochs=300)  # doctest: +SKIP
     >>> pred = hx.tl.predict_spatial(tiles_b4, model, method="direct")  # doctest: +SKIP
     """
     import torch
@@ -825,8 +838,8 @@ def train_spatial(
         raise ValueError(f"slides in more than one split: {sorted(overlap)}.")
     if not train:
         raise ValueError("no training slides.")
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be ≥ 1, got {epochs}.")
+    if int(max_epochs) < 1:
+        raise ValueError(f"max_epochs must be ≥ 1, got {max_epochs}.")
     if target_transform not in ("log1p", None):
         raise ValueError("target_transform must be 'log1p' or None.")
     for s in (*train, *val, *test):
@@ -842,8 +855,8 @@ def train_spatial(
     if condition_key is not None:
         conditions = sorted({_slide_condition(slides[s], condition_key) for s in (*train, *val, *test)})
 
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
+    rng = np.random.default_rng(random_state)
+    torch.manual_seed(random_state)
     dev = resolve_device(device)
     log1p = target_transform == "log1p"
 
@@ -892,17 +905,9 @@ def train_spatial(
             losses = [float(forward(data[s])) for s in ids]
         return float(np.mean(losses))
 
-    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "train": train, "val": val, "test": test}
-    best = (math.inf, -1, None)
-    stale = 0
-    epoch_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
+    meta = {"use_rep": use_rep, "train": train, "val": val, "test": test, "random_state": random_state}
 
-        epoch_iter = tqdm(epoch_iter, desc="epochs")
-    meta = {"use_rep": use_rep, "train": train, "val": val, "test": test, "seed": seed}
-    for epoch in epoch_iter:
-        model.train()
+    def train_epoch(epoch: int) -> dict:
         losses = []
         for s in rng.permutation(train):
             n = data[s]["x"].shape[0]
@@ -913,28 +918,29 @@ def train_spatial(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             losses.append(float(loss.detach()))
-        history["train_loss"].append(float(np.mean(losses)))
-        val_loss = evaluate(val)
-        history["val_loss"].append(val_loss)
-        if val_loss is None:  # no validation slides: train for `epochs` epochs, keep the last weights
-            best = (history["train_loss"][-1], epoch, None)
-            continue
-        if val_loss < best[0]:
-            best = (val_loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
-            stale = 0
-            if checkpoint_dir is not None:
-                model.save_pretrained(checkpoint_dir, metadata={**meta, "epoch": epoch, "val_loss": val_loss})
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    if best[2] is not None:
-        model.load_state_dict(best[2])
-    elif checkpoint_dir is not None:
-        model.save_pretrained(checkpoint_dir, metadata={**meta, "epoch": best[1], "train_loss": best[0]})
-    model.eval()
-    history["best_epoch"] = best[1]
-    history["epochs_run"] = len(history["train_loss"])
-    history["test_loss"] = evaluate(test)
-    model.history = history
-    return model
+        return {"train_loss": float(np.mean(losses))}
+
+    def save(epoch: int, row: dict) -> None:
+        model.save_pretrained(checkpoint_dir, metadata={**meta, "epoch": epoch, "val_loss": row["val_loss"]})
+
+    t_start = time.perf_counter()
+    # without validation slides every epoch is kept, i.e. the last weights
+    log = fit(model, train_epoch, max_epochs=max_epochs, validate=(lambda: {"val_loss": evaluate(val)}) if val else None,
+              stopper=Patience(patience, "val_loss") if val else None,
+              on_save=save if (val and checkpoint_dir is not None) else None, progress=progress)
+    if not val and checkpoint_dir is not None:
+        model.save_pretrained(checkpoint_dir, metadata={**meta, "epoch": log.best_epoch,
+                                                        "train_loss": log.rows[-1]["train_loss"]})
+    history: dict[str, Any] = {
+        "train_loss": [r["train_loss"] for r in log.rows], "val_loss": [r.get("val_loss") for r in log.rows],
+        "train": train, "val": val, "test": test, "best_epoch": log.best_epoch, "epochs_run": len(log.rows),
+        "test_loss": evaluate(test),
+    }
+    model.history = history  # the old record, kept on the model for one release
+    best = log.best_row or {}
+    return TrainResult(
+        model=model, models=[model], history=pd.DataFrame(log.rows).drop(columns="saved"),
+        best_epoch=log.best_epoch, best_score=best.get("val_loss", best.get("train_loss")),
+        epochs_run=len(log.rows), test_loss=history["test_loss"], seconds=time.perf_counter() - t_start,
+        device=str(dev),
+    )
