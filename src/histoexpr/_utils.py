@@ -110,3 +110,49 @@ def renamed_kwargs(**renames: str):
         return wrapper
 
     return decorate
+
+
+def align_by_index(time: Any, event: Any, groups: Any) -> tuple[Any, Any, Any]:
+    """Put pandas inputs in the order of ``time``'s index (e.g. clinical table vs risk groups of predictions)."""
+    import pandas as pd
+
+    if not isinstance(time, pd.Series):
+        return time, event, groups
+    aligned = []
+    for name, values in (("event", event), ("groups", groups)):
+        if isinstance(values, pd.Series) and not values.index.equals(time.index):
+            if len(values) != len(time) or set(values.index) != set(time.index):
+                raise ValueError(
+                    f"`{name}` and `time` are pandas Series indexed by different samples; select the same "
+                    f"samples in both (e.g. {name}.reindex(time.index))"
+                )
+            values = values.reindex(time.index)
+        aligned.append(values)
+    return time, aligned[0], aligned[1]
+
+
+#: Slide id of tiles that record none (no ``obs[slide_key]`` and no ``uns["histoexpr"]["slide_id"]``).
+DEFAULT_SLIDE_ID = "slide_0"
+
+
+def iter_slides(adata, slide_key: str = "slide_id") -> list[tuple[str, np.ndarray]]:
+    """``(slide_id, positions)`` of each slide of a (possibly concatenated) AnnData, in order of appearance.
+
+    The one rule: slides are told apart by ``obs[slide_key]``; without that column the whole AnnData
+    is one slide whose id is ``uns["histoexpr"]["slide_id"]``, else ``"slide_0"``.
+
+    Example
+    -------
+    >>> import anndata as ad, pandas as pd
+    >>> a = ad.AnnData(obs=pd.DataFrame({"slide_id": ["b", "a", "b"]}, index=["t0", "t1", "t2"]))
+    >>> [(s, pos.tolist()) for s, pos in iter_slides(a)]
+    [('b', [0, 2]), ('a', [1])]
+    """
+    import pandas as pd
+
+    if slide_key in adata.obs:
+        ids = adata.obs[slide_key].astype(str).to_numpy()
+        return [(str(s), np.flatnonzero(ids == s)) for s in pd.unique(ids)]
+    info = adata.uns.get(UNS_KEY)
+    sid = info.get("slide_id") if isinstance(info, dict) else None
+    return [(str(sid) if sid is not None else DEFAULT_SLIDE_ID, np.arange(adata.n_obs))]

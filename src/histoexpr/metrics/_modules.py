@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._utils import iter_slides
 from ._genesets import load_gene_sets
 
 
@@ -48,11 +49,8 @@ def _as_slides(adata_or_list, slide_key: str) -> list:
     for item in items:
         if not hasattr(item, "obs"):
             raise TypeError("module_coexpression takes an AnnData or a list of AnnData (one per slide).")
-        if slide_key in item.obs and item.obs[slide_key].nunique() > 1:
-            for _, idx in item.obs.groupby(slide_key, observed=True).indices.items():
-                slides.append(item[idx])
-        else:
-            slides.append(item)
+        parts = iter_slides(item, slide_key)
+        slides += [item] if len(parts) == 1 else [item[pos] for _, pos in parts]
     return slides
 
 

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._constants import UNS_KEY
-from .._utils import check_finite, resolve_feature_key
+from .._utils import check_finite, iter_slides, resolve_feature_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -163,14 +162,9 @@ def cluster_features(
     adata = adata.copy() if copy else adata
     rep = resolve_feature_key(adata, use_rep)
     x = np.asarray(adata.obsm[rep])
-    if "slide_id" in adata.obs:
-        slide_ids = adata.obs["slide_id"].astype(str).to_numpy()
-    else:
-        slide_ids = np.full(adata.n_obs, str(adata.uns.get(UNS_KEY, {}).get("slide_id", "slide_0")), dtype=object)
     labels = np.empty(adata.n_obs, dtype=np.int64)
     means: dict[str, np.ndarray] = {}
-    for sid in pd.unique(slide_ids):
-        rows = np.flatnonzero(slide_ids == sid)
+    for sid, rows in iter_slides(adata):
         what = f"obsm[{rep!r}] of slide {sid!r}"
         xs = x[rows].astype(np.float32, copy=False)
         if not np.isfinite(xs).all():

@@ -130,7 +130,7 @@ def tile(
                               filter_low_contrast=filter_low_contrast)
     if sdata is not None:
         from ..io import add_tiles_to_spatialdata
-        from ..io._spatialdata import _resolve_image_key
+        from ..io import pick_image_key as _resolve_image_key
 
         # recorded before the table is copied into sdata: predict_spatial finds the shapes to annotate
         # and extract_features the image through these keys (also in the SpatialData table)

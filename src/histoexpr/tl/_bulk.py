@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._utils import check_finite, renamed_kwargs, resolve_feature_key
+from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key
 from ._runtime import TrainResult, batched_inference, fit, load_models, model_id, model_info, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,14 +75,13 @@ def _tiles_to_inputs(
     feats = np.asarray(adata.obsm[rep])
     if input_dim is not None and feats.shape[1] != input_dim:
         raise ValueError(_dim_error(feats.shape[1], input_dim, f"obsm[{rep!r}]"))
-    if slide_key in adata.obs:
-        slide_col = adata.obs[slide_key].astype(str)
-    else:
-        sid = adata.uns.get("histoexpr", {}).get("slide_id", "slide_0") if isinstance(adata.uns.get("histoexpr"), Mapping) else "slide_0"
-        slide_col = pd.Series(str(sid), index=adata.obs_names)
+    slides = iter_slides(adata, slide_key)
+    slide_col = np.empty(adata.n_obs, dtype=object)
+    for sid, pos in slides:
+        slide_col[pos] = sid
     obs = adata.obs.copy()
-    obs[slide_key] = slide_col.to_numpy()
-    slide_ids = list(pd.unique(slide_col))
+    obs[slide_key] = slide_col
+    slide_ids = [sid for sid, _ in slides]
     cached = {}
     stored = adata.uns.get(cluster_key)
     if isinstance(stored, Mapping) and isinstance(stored.get("means"), Mapping):
@@ -90,8 +89,7 @@ def _tiles_to_inputs(
         if params.get("use_rep", rep) == rep:  # means of other features are not reused
             cached = stored["means"]
     inputs = []
-    for sid in slide_ids:
-        mask = (slide_col == sid).to_numpy()
+    for sid, mask in slides:
         means = cached.get(sid) if isinstance(cached, Mapping) else None
         if means is not None and np.shape(means) == (n_clusters, feats.shape[1]):
             means = np.asarray(means, dtype=np.float32)

@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import sparse
 
 from .._utils import renamed_kwargs
-from ..pp._xenium import _open_crop_slide, core_counts, xenium_crop_images
+from ..pp._xenium import core_counts, open_crop_slide, xenium_crop_images
 from ._runtime import Patience, TrainResult, autocast, batched_inference, fit, load_models, resolve_device
 
 SPLIT_LABELS = ("train", "val", "test", "purged")
@@ -189,7 +189,7 @@ class _CropBatches:
             if n_model is not None and n_model != self.n_patches:
                 raise FusionError(f"the crops have {self.n_patches} patches per crop, the ViT {n_model}: cut "
                                   "crops with the backbone's patch size (patch_size=) and img_size")
-            self.slide = _open_crop_slide(crops, sdata)
+            self.slide = open_crop_slide(crops, sdata)
             if len(indices) * size * size * 3 <= max_preload_bytes:
                 self.images = {int(i): k for k, i in enumerate(indices)}
                 self.pixels = xenium_crop_images(crops, indices=indices, slide=self.slide)

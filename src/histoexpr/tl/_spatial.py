@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
-from .._utils import check_finite, renamed_kwargs, resolve_feature_key, warn
+from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key, warn
 from ._runtime import (
     Patience,
     TrainResult,
@@ -74,15 +74,9 @@ def _grid_coords(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
     return rows.astype(np.int64), cols.astype(np.int64)
 
 
-def _split_slides(adata: AnnData) -> list[tuple[str, np.ndarray]]:
-    """``(slide_id, positions)`` of each slide in a (possibly concatenated) tiles AnnData."""
-    if "slide_id" in adata.obs and adata.obs["slide_id"].nunique() > 1:
-        sid = adata.obs["slide_id"].astype(str).to_numpy()
-        return [(s, np.flatnonzero(sid == s)) for s in pd.unique(sid)]
-    slide = adata.obs["slide_id"].iloc[0] if "slide_id" in adata.obs and adata.n_obs else None
-    if slide is None:
-        slide = adata.uns.get(UNS_KEY, {}).get("slide_id", "slide")
-    return [(str(slide), np.arange(adata.n_obs))]
+def _split_slides(adata: AnnData, slide_key: str = "slide_id") -> list[tuple[str, np.ndarray]]:
+    """``(slide_id, positions)`` of each slide (:func:`histoexpr._utils.iter_slides`)."""
+    return iter_slides(adata, slide_key)
 
 
 def _model_genes(model) -> list[str] | None:
