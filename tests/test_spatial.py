@@ -284,21 +284,21 @@ def test_map_measured_to_tiles_matches_sklearn(her2st_c2):
     gx, gy = np.meshgrid(np.arange(xs.size), np.arange(ys.size))
     tiles = _tiles(gy.ravel(), gx.ravel())
     tiles.obsm["spatial"] = np.c_[xs[gx.ravel()], ys[gy.ravel()]]
-    truth = hx.tl.map_measured_to_tiles(spots, tiles, k=4)
+    truth = hx.pp.map_measured_to_tiles(spots, tiles, k=4)
     _, nn = NearestNeighbors(n_neighbors=4).fit(xy).kneighbors(tiles.obsm["spatial"])
     x = spots.X.toarray() if hasattr(spots.X, "toarray") else spots.X
     np.testing.assert_allclose(truth.X, x[nn].mean(1), rtol=1e-5, atol=1e-6)
     assert list(truth.var_names) == list(spots.var_names)
 
     # 3 × 3 median filter over the tiles present around each tile, brute force
-    filt = hx.tl.map_measured_to_tiles(spots, tiles, k=4, median_filter=True)
+    filt = hx.pp.map_measured_to_tiles(spots, tiles, k=4, median_filter=True)
     where = {(a, b): i for i, (a, b) in enumerate(zip(tiles.obs.row, tiles.obs.col))}
     for i in [0, 17, len(where) // 2, len(where) - 1]:
         a, b = tiles.obs.row.iloc[i], tiles.obs.col.iloc[i]
         nb = [where[(a + da, b + db)] for da in (-1, 0, 1) for db in (-1, 0, 1) if (a + da, b + db) in where]
         np.testing.assert_allclose(filt.X[i], np.median(truth.X[nb], axis=0), rtol=1e-5, atol=1e-6)
 
-    uniq = hx.tl.map_measured_to_tiles(spots, tiles, k=4, min_unique=10)
+    uniq = hx.pp.map_measured_to_tiles(spots, tiles, k=4, min_unique=10)
     n_unique = np.array([np.unique(truth.X[:, j]).size for j in range(truth.n_vars)])
     assert list(uniq.var_names) == list(truth.var_names[n_unique >= 10])
 
@@ -308,7 +308,7 @@ def test_map_measured_to_tiles_coordinate_mismatch(her2st_c2):
     tiles = _tiles(r, c)
     tiles.obsm["spatial"] = tiles.obsm["spatial"] + 1e6
     with pytest.raises(ValueError, match="do not overlap"):
-        hx.tl.map_measured_to_tiles(her2st_c2, tiles)
+        hx.pp.map_measured_to_tiles(her2st_c2, tiles)
 
 
 def test_map_measured_to_tiles_refuses_several_slides():
@@ -319,8 +319,8 @@ def test_map_measured_to_tiles_refuses_several_slides():
     spots = ad.AnnData(np.random.default_rng(0).poisson(3, size=(30, 4)).astype(np.float32))
     spots.obsm["spatial"] = np.random.default_rng(1).uniform(0, 1024, size=(30, 2))
     with pytest.raises(ValueError, match="several slides"):
-        hx.tl.map_measured_to_tiles(spots, both)
-    one = hx.tl.map_measured_to_tiles(spots, both[both.obs["slide_id"] == "a"])
+        hx.pp.map_measured_to_tiles(spots, both)
+    one = hx.pp.map_measured_to_tiles(spots, both[both.obs["slide_id"] == "a"])
     assert one.n_obs == 16
 
 

@@ -156,3 +156,26 @@ def iter_slides(adata, slide_key: str = "slide_id") -> list[tuple[str, np.ndarra
     info = adata.uns.get(UNS_KEY)
     sid = info.get("slide_id") if isinstance(info, dict) else None
     return [(str(sid) if sid is not None else DEFAULT_SLIDE_ID, np.arange(adata.n_obs))]
+
+
+def grid_coords(adata) -> tuple[np.ndarray, np.ndarray]:
+    """Integer grid indices ``(obs["row"], obs["col"])`` of tiles, checked."""
+    missing = [c for c in ("row", "col") if c not in adata.obs]
+    if missing:
+        raise ValueError(
+            f"tiles need integer grid coordinates obs['row'] and obs['col'] (missing: {missing}). "
+            "Make tiles with `hx.pp.tile`, or add the grid indices of each tile to obs."
+        )
+    rows, cols = adata.obs["row"].to_numpy(), adata.obs["col"].to_numpy()
+    for name, v in (("row", rows), ("col", cols)):
+        if v.dtype.kind not in "iu":
+            if v.dtype.kind != "f" or not np.all(np.isfinite(v)) or not np.all(v == np.round(v)):
+                raise ValueError(f"obs[{name!r}] must hold integer grid indices; got dtype {v.dtype}.")
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def dense(x) -> np.ndarray:
+    """A (possibly sparse) matrix as a dense numpy array."""
+    import scipy.sparse as sp
+
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)

@@ -15,6 +15,7 @@ from .._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
+from .._utils import renamed_kwargs
 from ._tissue import TissueMask, detect_tissue
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,6 +29,7 @@ _CONTRAST_READ_SIZE = 64
 _THUMBNAIL_SIZE = 2000
 
 
+@renamed_kwargs(seed="random_state")
 def tile(
     slide: Slide | Any,
     *,
@@ -36,7 +38,7 @@ def tile(
     tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD,
     filter_low_contrast: bool = True,
     max_tiles: int | None = None,
-    seed: int = 0,
+    random_state: int = 0,
     tissue: TissueMask | None = None,
     slide_id: str | None = None,
     image_key: str | None = None,
@@ -67,8 +69,8 @@ def tile(
         Drop tiles flagged by :func:`skimage.exposure.is_low_contrast` (checked on a
         64 px view of each candidate tile, read from the pyramid).
     max_tiles
-        Keep at most this many tiles, drawn at random with ``seed`` (SEQUOIA used 4000).
-    seed
+        Keep at most this many tiles, drawn at random with ``random_state`` (SEQUOIA used 4000).
+    random_state
         Seed of the random cap.
     tissue
         A precomputed :class:`~histoexpr.pp.TissueMask` (default: :func:`detect_tissue`).
@@ -119,14 +121,14 @@ def tile(
             f"(tissue covers {tissue.tissue_fraction:.1%} of the slide). Check the slide (blank or "
             "out-of-focus?) or lower tissue_threshold / pass a tissue mask of your own."
         )
-    keep = _select_tiles(slide, keep, x0, y0, side0, filter_low_contrast, max_tiles, seed, n_threads)
+    keep = _select_tiles(slide, keep, x0, y0, side0, filter_low_contrast, max_tiles, random_state, n_threads)
     if keep.size == 0:
         raise ValueError(f"all tissue tiles of {slide.slide_id!r} are low-contrast; try filter_low_contrast=False")
     adata = _tiles_anndata(
         slide, rows[keep], cols[keep], x0[keep], y0[keep], frac[keep], side0=side0, tile_size=tile_size,
         mpp=mpp, slide_id=slide_id or slide.slide_id, thumbnail=tissue.thumbnail,
     )
-    adata.uns[UNS_KEY].update(tissue_threshold=tissue_threshold, max_tiles=max_tiles, seed=seed,
+    adata.uns[UNS_KEY].update(tissue_threshold=tissue_threshold, max_tiles=max_tiles, random_state=random_state,
                               filter_low_contrast=filter_low_contrast)
     if sdata is not None:
         from ..io import add_tiles_to_spatialdata

@@ -7,3 +7,4 @@ from ._bulk import BulkCVResult, predict_bulk, train_bulk
 from ._fusion import (FusionFit, evaluate_fusion, fuse_xenium, fusion_split, predict_fusion, spatial_blocks,
                       train_fusion)
 from ._leiden import leiden
+from ._genesets import score_gene_sets

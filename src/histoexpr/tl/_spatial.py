@@ -22,6 +22,8 @@ import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
 from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key, warn
+from .._utils import dense as _dense
+from .._utils import grid_coords as _grid_coords
 from ._runtime import (
     Patience,
     TrainResult,
@@ -57,21 +59,6 @@ def _features(adata: AnnData, rep: str) -> np.ndarray:
         raise ValueError(f"obsm[{rep!r}] must be 2-D (tiles × features); got shape {x.shape}.")
     check_finite(x, what=f"obsm[{rep!r}]")
     return x
-
-
-def _grid_coords(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
-    missing = [c for c in ("row", "col") if c not in adata.obs]
-    if missing:
-        raise ValueError(
-            f"tiles need integer grid coordinates obs['row'] and obs['col'] (missing: {missing}). "
-            "Make tiles with `hx.pp.tile`, or add the grid indices of each tile to obs."
-        )
-    rows, cols = adata.obs["row"].to_numpy(), adata.obs["col"].to_numpy()
-    for name, v in (("row", rows), ("col", cols)):
-        if v.dtype.kind not in "iu":
-            if v.dtype.kind != "f" or not np.all(np.isfinite(v)) or not np.all(v == np.round(v)):
-                raise ValueError(f"obs[{name!r}] must hold integer grid indices; got dtype {v.dtype}.")
-    return rows.astype(np.int64), cols.astype(np.int64)
 
 
 def _split_slides(adata: AnnData, slide_key: str = "slide_id") -> list[tuple[str, np.ndarray]]:
@@ -381,6 +368,7 @@ def _predict_direct(features, coords, models, *, columns, device, condition_idx)
     return (total / len(models)).float().cpu().numpy()
 
 
+@renamed_kwargs(table_key="key_added")
 def predict_spatial(
     adata_tiles: AnnData,
     model,
@@ -395,8 +383,9 @@ def predict_spatial(
     genes: Sequence[str] | None = None,
     condition: Any = None,
     sdata=None,
-    table_key: str | None = None,
+    key_added: str | None = None,
     region: str | None = None,
+    overwrite: bool = False,
     progress: bool = False,
 ) -> AnnData:
     """Predict expression for every tile: a new AnnData tiles × genes.
@@ -436,10 +425,11 @@ def predict_spatial(
         skipped with a warning; none known is an error); otherwise it names the model's outputs.
     condition
         Condition of the slide(s) for conditioned direct models (label, index or dict slide → label).
-    sdata, table_key, region
-        When ``sdata`` is given, the predictions are also written into it as table ``table_key``
-        (default ``"predictions"``) annotating the tile shapes ``region``
-        (default ``uns['histoexpr']['shapes_key']``, else ``"<slide_id>_tiles"``).
+    sdata, key_added, region, overwrite
+        When ``sdata`` is given, the predictions are also written into it as table ``key_added``
+        (default ``"predictions"``; old name of the argument: ``table_key``) annotating the tile shapes
+        ``region`` (default ``uns['histoexpr']['shapes_key']``, else the only ``"*_tiles"`` shapes);
+        an existing table of that name is replaced only with ``overwrite=True``.
     progress
         Show a progress bar over window batches.
 
@@ -535,11 +525,11 @@ def predict_spatial(
         info.update({"window": window, "stride": stride, "min_tissue_tiles": min_tissue_tiles})
     out.uns[UNS_KEY] = info
     if sdata is not None:
-        _write_to_sdata(out, sdata, table_key=table_key or "predictions", region=region)
+        _write_to_sdata(out, sdata, table_key=key_added or "predictions", region=region, overwrite=overwrite)
     return out
 
 
-def _write_to_sdata(pred: AnnData, sdata, *, table_key: str, region: str | None) -> None:
+def _write_to_sdata(pred: AnnData, sdata, *, table_key: str, region: str | None, overwrite: bool = False) -> None:
     from .. import io as hxio
 
     shapes = list(getattr(sdata, "shapes", {}))
@@ -554,123 +544,18 @@ def _write_to_sdata(pred: AnnData, sdata, *, table_key: str, region: str | None)
             f"cannot tell which tile shapes the predictions annotate (shapes in sdata: {shapes}); pass "
             "`region=` (the shapes element written by hx.pp.tile / hx.io.add_tiles_to_spatialdata)."
         )
-    hxio.add_table(sdata, pred, name=table_key, region=region, instance_key="tile_id")
+    hxio.add_table(sdata, pred, name=table_key, region=region, instance_key="tile_id", overwrite=overwrite)
 
 
-# --------------------------------------------------------------------------------------------
-# measured spots → tile grid (SPEC §4, SEQUOIA's EMD protocol)
-# --------------------------------------------------------------------------------------------
-def _dense(x) -> np.ndarray:
-    import scipy.sparse as sp
+def map_measured_to_tiles(*args: Any, **kwargs: Any) -> AnnData:
+    """Moved to :func:`histoexpr.pp.map_measured_to_tiles`; this alias warns and calls it, for one release."""
+    import warnings
 
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+    warnings.warn("histoexpr.tl.map_measured_to_tiles moved to histoexpr.pp.map_measured_to_tiles",
+                  DeprecationWarning, stacklevel=2)
+    from ..pp import map_measured_to_tiles as moved
 
-
-def map_measured_to_tiles(
-    measured: AnnData,
-    tiles: AnnData,
-    *,
-    k: int = 4,
-    layer: str | None = None,
-    genes: Sequence[str] | None = None,
-    median_filter: bool = False,
-    min_unique: int | None = None,
-    max_distance: float | None = None,
-) -> AnnData:
-    """Put measured spot expression on the tile grid: mean of the ``k`` nearest spots to each tile centre.
-
-    This is SEQUOIA's protocol to compare predicted and measured maps (SPEC §4): 4 nearest spots by
-    Euclidean distance between the tile centre and spot centres, an optional 3 × 3 median filter on the
-    grid (over the tiles present in each neighbourhood), and a filter keeping genes with at least
-    ``min_unique`` distinct values (the paper: 10).
-
-    Parameters
-    ----------
-    measured
-        Spots AnnData with expression in ``X`` (or ``layer``) and centres in ``obsm["spatial"]``, in the
-        same pixel coordinates as the tiles (level-0 pixels of the same image).
-    tiles
-        Tiles AnnData (``obsm["spatial"]`` centres; ``obs["row"]``/``obs["col"]`` for the median filter).
-    k
-        Number of nearest spots averaged.
-    layer
-        Layer of ``measured`` to use instead of ``X`` (e.g. log-normalised values).
-    genes
-        Subset of genes (default all).
-    median_filter
-        Apply the 3 × 3 median filter on the tile grid.
-    min_unique
-        Keep only genes with at least this many unique values on the grid.
-    max_distance
-        Optional: raise if some tile's nearest spot is farther than this (pixels), a sign of mismatched
-        coordinate systems.
-
-    Returns
-    -------
-    AnnData tiles × genes with the tiles' ``obs``/``obsm["spatial"]``/``uns["spatial"]``;
-    ``obs["nearest_spot_distance"]`` in pixels.
-
-    Examples
-    --------
-    >>> truth = hx.tl.map_measured_to_tiles(visium, tiles, median_filter=True, min_unique=10)  # doctest: +SKIP
-    """
-    import anndata as ad
-    from scipy.spatial import cKDTree
-
-    for name, a in (("measured", measured), ("tiles", tiles)):
-        if SPATIAL_KEY not in a.obsm:
-            raise ValueError(f"`{name}` has no obsm['spatial'] coordinates.")
-        if a.n_obs == 0:
-            raise ValueError(f"`{name}` is empty.")
-    if k < 1 or k > measured.n_obs:
-        raise ValueError(f"k must be in [1, {measured.n_obs}] (number of spots); got {k}.")
-    if len(_split_slides(tiles)) > 1:  # pixel coordinates and grids of different slides must not mix
-        raise ValueError(
-            f"`tiles` holds several slides ({list(pd.unique(tiles.obs['slide_id'].astype(str)))[:5]}); map one "
-            "slide at a time: tiles[tiles.obs['slide_id'] == sid] with that slide's measured spots."
-        )
-    spots_xy = np.asarray(measured.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-    tiles_xy = np.asarray(tiles.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-    lo, hi = spots_xy.min(0), spots_xy.max(0)
-    tlo, thi = tiles_xy.min(0), tiles_xy.max(0)
-    if np.any(thi < lo) or np.any(tlo > hi):
-        raise ValueError(
-            f"tiles (x,y in [{tlo.round(1)}, {thi.round(1)}]) and spots ([{lo.round(1)}, {hi.round(1)}]) do "
-            "not overlap: are both in level-0 pixels of the same image? Convert the spot coordinates first."
-        )
-    dist, nn = cKDTree(spots_xy).query(tiles_xy, k=k)
-    dist, nn = dist.reshape(len(tiles_xy), k), nn.reshape(len(tiles_xy), k)
-    if max_distance is not None and dist[:, 0].max() > max_distance:
-        raise ValueError(
-            f"{int((dist[:, 0] > max_distance).sum())} tiles have no spot within {max_distance} px "
-            f"(farthest: {dist[:, 0].max():.1f} px): check the coordinate systems."
-        )
-    src = measured if genes is None else measured[:, [str(g) for g in genes]]
-    x = _dense(src.layers[layer] if layer is not None else src.X)
-    values = x[nn].mean(axis=1)
-    if median_filter:
-        from ..metrics import median_filter_grid
-
-        rows, cols = _grid_coords(tiles)
-        values = median_filter_grid(values, np.column_stack([rows, cols]))
-    var = src.var.copy()
-    if min_unique is not None:
-        n_unique = np.array([np.unique(values[:, j]).size for j in range(values.shape[1])])
-        keep = n_unique >= min_unique
-        values, var = values[:, keep], var.iloc[keep]
-        var["n_unique"] = n_unique[keep]
-    obs = tiles.obs.copy()
-    obs["nearest_spot_distance"] = dist[:, 0]
-    out = ad.AnnData(X=values.astype(np.float32), obs=obs, var=var)
-    out.obsm[SPATIAL_KEY] = tiles_xy.copy()
-    if "spatial" in tiles.uns:
-        out.uns["spatial"] = _copy.deepcopy(tiles.uns["spatial"])
-    info = _copy.deepcopy(dict(tiles.uns.get(UNS_KEY, {})))
-    info["measured_to_tiles"] = {
-        "k": k, "median_filter": median_filter, "min_unique": min_unique, "layer": layer,
-    }
-    out.uns[UNS_KEY] = info
-    return out
+    return moved(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
