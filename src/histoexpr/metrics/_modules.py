@@ -6,12 +6,16 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .._utils import iter_slides
 from ._genesets import load_gene_sets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 
 @dataclass
@@ -191,7 +195,7 @@ def _within_between(corr: pd.DataFrame, module: pd.Series) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def score_gene_sets(*args, **kwargs):
+def score_gene_sets(*args, **kwargs) -> AnnData | None:
     """Moved to :func:`histoexpr.tl.score_gene_sets` (scoring writes into the AnnData, a ``tl`` verb);
     this alias warns and calls it, for one release."""
     warnings.warn("histoexpr.metrics.score_gene_sets moved to histoexpr.tl.score_gene_sets", DeprecationWarning,

@@ -19,11 +19,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from ..io import Slide
 
 #: Xenium feature names that are controls, not genes.
 CONTROL_PREFIXES = (
@@ -247,7 +252,7 @@ def xenium_crops(
     min_tissue: float = 0.1,
     min_transcripts: int = 1,
     qv_min: float | None = 20,
-):
+) -> AnnData:
     """Cut H&E crops from a Xenium SpatialData and pool core/add-on transcripts (SPEC §3.5).
 
     Parameters
@@ -444,7 +449,7 @@ def core_counts(crops) -> np.ndarray:
     return np.asarray((tok @ summer).todense(), dtype=np.float32)
 
 
-def open_crop_slide(crops, sdata=None):
+def open_crop_slide(crops, sdata=None) -> Slide:
     """The :class:`histoexpr.io.Slide` of the H&E image crops were cut from (``sdata`` or re-read from disk)."""
     from histoexpr.io import open_slide
 

@@ -18,7 +18,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,9 @@ from scipy import sparse
 from .._utils import renamed_kwargs
 from ..pp._xenium import core_counts, open_crop_slide, xenium_crop_images
 from ._runtime import Patience, TrainResult, autocast, batched_inference, fit, load_models, resolve_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 SPLIT_LABELS = ("train", "val", "test", "purged")
 
@@ -439,7 +442,8 @@ def _unwrap(model):
 
 
 def predict_fusion(crops, model, *, sdata=None, indices: np.ndarray | None = None, batch_size: int = 64,
-                   device: str | None = None, embeddings: bool = False):
+                   device: str | None = None,
+                   embeddings: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Predictions (log1p add-on counts) of a fusion model or baseline for crops.
 
     Parameters
@@ -484,7 +488,7 @@ def fuse_xenium(
     key_added: str | None = "fusion",
     overwrite: bool = False,
     **crop_kwargs: Any,
-):
+) -> AnnData:
     """Predict add-on genes for every crop with a trained fusion model; embeddings for clustering.
 
     Parameters

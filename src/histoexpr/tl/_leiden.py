@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 
 def leiden(
@@ -16,7 +21,7 @@ def leiden(
     key_added: str = "leiden",
     random_state: int = 0,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Leiden clusters of tiles (or spots) from predicted expression or an embedding.
 
     Builds a k-nearest-neighbour graph with :func:`scanpy.pp.neighbors` and runs

@@ -642,7 +642,7 @@ def train_spatial(
     checkpoint_dir: str | Path | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
-):
+) -> TrainResult:
     """Train the HistoPrism-style direct model (SPEC §3.4) on spot-level data.
 
     Each step sees one training slide (all its spots, or a random subset of ``max_tiles``): features
