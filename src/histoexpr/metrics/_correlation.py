@@ -1,4 +1,4 @@
-"""Per-gene agreement between predicted and measured expression, vectorised over genes (SPEC §3.2, §4).
+"""Per-gene agreement between predicted and measured expression, vectorised over genes.
 
 All functions take ``(n_samples, n_genes)`` matrices (numpy arrays, pandas DataFrames, or AnnData
 with samples as observations) and compute one number per gene (column) over the samples.
@@ -175,7 +175,7 @@ def steiger_test(r_xy, r_xz, r_yz, n: int) -> tuple[np.ndarray, np.ndarray]:
 
     ``t = d·sqrt((n−1)(1+r_yz) / (2((n−1)/(n−3))·det + a²(1−r_yz)³))``, d = r_xy − r_xz,
     det = 1 − r_xy² − r_xz² − r_yz² + 2 r_xy r_xz r_yz, a = (r_xy + r_xz)/2; the p-value is
-    one-tailed from a t distribution with n − 3 degrees of freedom on ``|t|`` (SPEC §3.2).
+    one-tailed from a t distribution with n − 3 degrees of freedom on ``|t|``.
 
     Works element-wise on arrays (one test per gene).
 
@@ -211,7 +211,7 @@ def well_predicted_genes(
     alpha: float = 0.05,
     fdr: float = 0.2,
 ) -> pd.DataFrame:
-    """The SEQUOIA well-predicted-gene test (SPEC §3.2), one row per gene.
+    """The SEQUOIA well-predicted-gene test, one row per gene.
 
     A gene is well predicted when, over the pooled test predictions:
     ``r > 0``, Pearson ``p < alpha``, ``r > r_random``, ``rmse < rmse_random``, the Steiger test of

@@ -150,7 +150,7 @@ def filter_redundant_gene_sets(
 ) -> GeneSets:
     """Keep sets of ``min_size``–``max_size`` genes with no pair overlapping by Jaccard > ``max_jaccard``.
 
-    For every pair with Jaccard index above the threshold the larger set is dropped (SPEC §4). Sets
+    For every pair with Jaccard index above the threshold the larger set is dropped. Sets
     are visited from smallest to largest (ties by name) and a set is kept when it does not overlap
     any already kept set; this removes the larger member of every offending pair and never removes
     a set because of a set that was itself removed.

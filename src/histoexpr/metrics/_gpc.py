@@ -72,7 +72,7 @@ def pathway_coherence(
     layer_pred: str | None = None,
     layer_truth: str | None = None,
 ) -> pd.DataFrame:
-    """Gene Pathway Coherence (GPC, SPEC §4) of predicted vs measured spatial maps.
+    """Gene Pathway Coherence (GPC) of predicted vs measured spatial maps.
 
     Per slide and gene, the Pearson correlation across tiles (or spots) between prediction and
     measurement; a pathway's score on a slide is the mean over its genes that were measured and

@@ -1,4 +1,4 @@
-"""Survival analysis with expression signatures (SEQUOIA paper, recurrence risk; SPEC §4).
+"""Survival analysis with expression signatures (SEQUOIA paper, recurrence risk).
 
 A Cox model is fitted on (measured or predicted) expression of a gene signature; its risk score
 ``Σ coef · expression`` splits patients at the median into a high- and a low-risk group, which

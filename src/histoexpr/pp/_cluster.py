@@ -1,4 +1,4 @@
-"""K-means summary of a slide's tile features: the (K, D) input of SEQUOIA (SPEC §2).
+"""K-means summary of a slide's tile features: the (K, D) input of SEQUOIA.
 
 SEQUOIA clusters each slide's tile features into K = 100 groups with k-means and feeds the
 per-cluster mean features, in cluster order, to the aggregator. The published code averages

@@ -1,4 +1,4 @@
-"""Grid tiling of a slide into an AnnData with tiles as observations (SPEC §1, §2)."""
+"""Grid tiling of a slide into an AnnData with tiles as observations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tissue detection on a low-resolution view of a slide (SPEC §2)."""
+"""Tissue detection on a low-resolution view of a slide."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, min_channel: int = 50, n_morph: int
 
 
 def detect_tissue(slide: Slide, *, max_size: int = 2048, min_channel: int = 50, n_morph: int = 3) -> TissueMask:
-    """Detect tissue on a low-resolution view of ``slide`` (SPEC §2).
+    """Detect tissue on a low-resolution view of ``slide``.
 
     Parameters
     ----------

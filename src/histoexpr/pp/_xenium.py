@@ -253,7 +253,7 @@ def xenium_crops(
     min_transcripts: int = 1,
     qv_min: float | None = 20,
 ) -> AnnData:
-    """Cut H&E crops from a Xenium SpatialData and pool core/add-on transcripts (SPEC §3.5).
+    """Cut H&E crops from a Xenium SpatialData and pool core/add-on transcripts.
 
     Parameters
     ----------

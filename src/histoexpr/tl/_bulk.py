@@ -1,7 +1,7 @@
 """Slide-level (bulk) expression: prediction with SEQUOIA-type models and cross-validated training.
 
 ``predict_bulk`` turns tile features into one expression profile per slide; ``train_bulk`` runs
-the SEQUOIA training protocol (SPEC §3.2): patient-level K-fold cross-validation, a validation
+the SEQUOIA training protocol: patient-level K-fold cross-validation, a validation
 split of the training patients, MSE loss, the MSE-then-correlation early-stopping rule and an
 untrained "random model" baseline on the same test folds.
 """
@@ -297,7 +297,7 @@ def predict_bulk(
 
 
 class EarlyStopping:
-    """The SEQUOIA checkpoint/stop rule (SPEC §3.2, paper Methods).
+    """The SEQUOIA checkpoint/stop rule (paper Methods).
 
     Save on every new best validation MSE. Once the MSE has not improved for ``patience`` epochs,
     training goes on only while the validation MSE stays below ``best_mse + delta`` and the

@@ -1,9 +1,9 @@
 """Spatial (tile-level) expression prediction, training and measured-to-tile alignment.
 
-* :func:`predict_spatial` – a bulk model run in sliding windows over the tile grid (SPEC §3.3), or a
-  direct per-tile model such as :class:`~histoexpr.models.HistoPrism` (SPEC §3.4).
+* :func:`predict_spatial` – a bulk model run in sliding windows over the tile grid, or a
+  direct per-tile model such as :class:`~histoexpr.models.HistoPrism`.
 * :func:`train_spatial` – train the direct model on spot-level data (log1p counts, masked MSE).
-* :func:`map_measured_to_tiles` – put measured spots on the tile grid (SEQUOIA's EMD protocol, SPEC §4).
+* :func:`map_measured_to_tiles` – put measured spots on the tile grid (SEQUOIA's EMD protocol).
 
 Tiles centred on measured spots (to predict exactly where expression was measured) come from
 :func:`histoexpr.pp.tiles_from_centers`.
@@ -122,7 +122,7 @@ def _model_units(model, method: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# sliding windows (SPEC §3.3)
+# sliding windows
 # --------------------------------------------------------------------------------------------
 def window_index(
     rows: np.ndarray,
@@ -133,7 +133,7 @@ def window_index(
     min_tissue_tiles: int = 50,
     grid_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of the tile grid as an index array into the tiles (SPEC §3.3).
+    """Windows of the tile grid as an index array into the tiles.
 
     As in SEQUOIA, a ``window × window`` window starts at the slide's top-left grid cell ``(0, 0)``
     and moves by ``stride`` to the right, then down, staying inside the slide's grid of
@@ -391,7 +391,7 @@ def predict_spatial(
     """Predict expression for every tile: a new AnnData tiles × genes.
 
     ``method="sliding_window"`` runs a bulk model (e.g. :class:`~histoexpr.models.Sequoia`, input
-    ``(B, window², D)``) over ``window × window`` windows of the tile grid, SPEC §3.3: windows sit on a
+    ``(B, window², D)``) over ``window × window`` windows of the tile grid: windows sit on a
     ``stride`` lattice anchored at grid ``(0, 0)``; a window is used when it holds more than
     ``min_tissue_tiles`` tiles; its tiles fill the first slots in row-major order and the rest are zero
     padding; its prediction is credited to each of its tiles; a tile's value is the mean over its
@@ -405,7 +405,7 @@ def predict_spatial(
     Parameters
     ----------
     adata_tiles
-        Tiles AnnData (SPEC §1) with features in ``obsm[use_rep]`` and grid ``obs["row"]``/``obs["col"]``.
+        Tiles AnnData with features in ``obsm[use_rep]`` and grid ``obs["row"]``/``obs["col"]``.
         Several slides (``obs["slide_id"]``) are processed one by one.
     model
         A model, a checkpoint directory written by ``save_pretrained`` (or ``"hf-hub:owner/repo"``),
@@ -643,7 +643,7 @@ def train_spatial(
     model_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> TrainResult:
-    """Train the HistoPrism-style direct model (SPEC §3.4) on spot-level data.
+    """Train the HistoPrism-style direct model on spot-level data.
 
     Each step sees one training slide (all its spots, or a random subset of ``max_tiles``): features
     ``obsm[use_rep]`` → ``log1p`` counts, masked MSE (genes a slide does not measure are left out of its
@@ -671,7 +671,7 @@ def train_spatial(
         Slide ids of each split (slide-level splits; no slide may be in two). Default: all slides train,
         no validation (then training runs ``max_epochs`` epochs).
     max_epochs, lr, weight_decay, grad_clip, patience
-        Optimisation (SPEC §3.4 defaults: AdamW lr 5e-5, weight decay 0.01, clip 1.0).
+        Optimisation (defaults: AdamW lr 5e-5, weight decay 0.01, clip 1.0).
     max_tiles
         Largest number of tiles per training step (random subset of larger slides).
     random_state
