@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._docs import doc_params
 from .._utils import check_finite, iter_slides, resolve_feature_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,6 +107,7 @@ def kmeans_means(
     return (means, labels) if return_labels else means
 
 
+@doc_params()
 def cluster_features(
     adata: AnnData,
     *,
@@ -124,17 +126,14 @@ def cluster_features(
     ----------
     adata
         Tiles AnnData with features in ``obsm[use_rep]``.
-    use_rep
-        ``obsm`` key of the features; default ``uns["histoexpr"]["feature_key"]`` or the only
-        ``obsm["X_*"]``.
+    {use_rep}
     n_clusters
         K (SEQUOIA: 100). Every slide needs at least K tiles.
     random_state
         Seed of the k-means initialisation.
     key_added
         Where results go: ``obs[key_added]`` and ``uns[key_added]``.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------

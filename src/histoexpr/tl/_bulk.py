@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._docs import doc_params
 from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key
 from ._runtime import TrainResult, batched_inference, fit, load_models, model_id, model_info, resolve_device
 
@@ -178,6 +179,7 @@ def _forward_batched(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size:
 # --------------------------------------------------------------------------------------------
 
 
+@doc_params()
 def predict_bulk(
     data: Any,
     model: Any,
@@ -207,8 +209,7 @@ def predict_bulk(
         A :class:`~histoexpr.models.Sequoia` (or any ``nn.Module`` mapping (B, K, D) -> (B, G)),
         a checkpoint directory, ``"hf-hub:gevaertlab/sequoia-brca-0"``, or a list of those
         (e.g. the 5 fold models of a release).
-    use_rep
-        ``obsm`` key of the features; default ``X_<uns["histoexpr"]["encoder"]>`` or the only ``X_*`` key.
+    {use_rep}
     n_clusters
         K; default the model's ``num_clusters`` (100).
     cluster_key, random_state
@@ -217,8 +218,7 @@ def predict_bulk(
         ``obs`` column with the slide id.
     batch_size
         Slides per forward pass.
-    device
-        Default: CUDA when available, else CPU.
+    {device}
     genes
         Output gene names (default: the model's gene list, e.g. the 20,820 official SEQUOIA genes).
     units
@@ -447,6 +447,7 @@ BulkCVResult = TrainResult
 _HISTORY_COLUMNS = ("epoch", "train_loss", "val_mse", "val_corr", "saved")
 
 
+@doc_params()
 @renamed_kwargs(seed="random_state", out_dir="checkpoint_dir", model_config="model_kwargs")
 def train_bulk(
     X: Any,
@@ -509,14 +510,12 @@ def train_bulk(
         If given, each fold's best model is saved to ``checkpoint_dir/fold_<i>`` in the Hugging Face
         layout (reload with ``Sequoia.from_pretrained`` / ``models.load_bulk_model``), and the
         pooled predictions to ``checkpoint_dir/cv_predictions.h5ad``.
-    device
-        Default CUDA when available, else CPU.
+    {device}
     units
         Units of ``Y``, recorded with the predictions and checkpoints.
     slide_ids
         Names of the slides (``obs_names`` of the result).
-    progress
-        Show a tqdm progress bar.
+    {progress}
 
     Returns
     -------

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._docs import doc_params
 from .._utils import renamed_kwargs
 from ..pp._xenium import core_counts, open_crop_slide, xenium_crop_images
 from ._runtime import Patience, TrainResult, autocast, batched_inference, fit, load_models, resolve_device
@@ -279,6 +280,7 @@ def _lr_lambda(base_lr: float, min_lr: float, warmup_steps: int, total_steps: in
     return f
 
 
+@doc_params()
 @renamed_kwargs(epochs="max_epochs", early_stopping="patience", seed="random_state")
 def train_fusion(
     crops,
@@ -326,15 +328,12 @@ def train_fusion(
         Optimisation settings (``warmup`` in epochs, may be fractional).
     patience
         Early-stopping patience in epochs (``None``: train all epochs, still keep the best).
-    random_state
-        Seeds torch and the batch order.
-    device
-        Default CUDA when available.
+    {random_state}
+    {device}
     checkpoint_dir
         If given, the best model so far is saved there (``save_pretrained`` layout; reload with
         ``FusionViT.from_pretrained`` or :func:`histoexpr.models.load_model`).
-    progress
-        Show a tqdm bar over epochs.
+    {progress}
 
     Returns
     -------

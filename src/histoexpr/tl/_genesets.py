@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._docs import doc_params
 from ..metrics import load_gene_sets
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["score_gene_sets"]
 
 
+@doc_params()
 def score_gene_sets(
     adata,
     *,
@@ -45,8 +47,7 @@ def score_gene_sets(
     key_added
         ``obsm`` key for the scores (a DataFrame tiles × sets); p-values, when the method gives them,
         go to ``obsm[f"{key_added}_padj"]``.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------

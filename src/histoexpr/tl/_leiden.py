@@ -6,10 +6,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._docs import doc_params
+
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
 
+@doc_params()
 def leiden(
     adata,
     *,
@@ -50,8 +53,7 @@ def leiden(
         ``obs`` column for the labels (categorical strings "0", "1", ...).
     random_state
         Seed of the PCA and of Leiden.
-    copy
-        Return a copy with the labels instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------

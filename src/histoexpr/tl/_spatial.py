@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
+from .._docs import doc_params
 from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key, warn
 from .._utils import dense as _dense
 from .._utils import grid_coords as _grid_coords
@@ -368,6 +369,7 @@ def _predict_direct(features, coords, models, *, columns, device, condition_idx)
     return (total / len(models)).float().cpu().numpy()
 
 
+@doc_params()
 @renamed_kwargs(table_key="key_added")
 def predict_spatial(
     adata_tiles: AnnData,
@@ -412,14 +414,12 @@ def predict_spatial(
         or a list of those, e.g. fold models (their predictions are averaged).
     method
         ``"sliding_window"`` or ``"direct"``.
-    use_rep
-        Feature key in ``obsm``; default ``X_<uns['histoexpr']['encoder']>`` or the only ``X_*`` key.
+    {use_rep}
     window, stride, min_tissue_tiles
         Sliding-window geometry (SEQUOIA: 10, 1, 50).
     batch_size
         Windows per forward pass.
-    device
-        Torch device; default CUDA when available, else CPU.
+    {device}
     genes
         Genes to return. When the model knows its gene names this selects a subset (unknown genes are
         skipped with a warning; none known is an error); otherwise it names the model's outputs.
@@ -619,6 +619,7 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, gene_mask: torch.Tenso
     return ((pred - target) ** 2 * m).sum() / m.sum()
 
 
+@doc_params()
 @renamed_kwargs(epochs="max_epochs", seed="random_state")
 def train_spatial(
     adatas,
@@ -674,18 +675,15 @@ def train_spatial(
         Optimisation (defaults: AdamW lr 5e-5, weight decay 0.01, clip 1.0).
     max_tiles
         Largest number of tiles per training step (random subset of larger slides).
-    random_state
-        Seeds torch and numpy: same data + ``random_state`` = same model (on CPU).
-    device
-        Torch device; default CUDA when available.
+    {random_state}
+    {device}
     checkpoint_dir
         If given, the best model is saved there (``config.json`` + ``model.safetensors``) whenever the
         validation loss improves (without validation: once, at the end); reload with
         :meth:`HistoPrism.from_pretrained`.
     model_kwargs
         Extra :class:`~histoexpr.models.HistoPrism` arguments (``hidden_dim``, ``depth``, ``dropout``...).
-    progress
-        Show a progress bar over epochs.
+    {progress}
 
     Returns
     -------
