@@ -104,8 +104,8 @@ def pathway_coherence(
 
     Example
     -------
-    >>> res = hx.metrics.pathway_coherence(pred_tiles, measured_tiles, gene_sets="hallmark")
-    >>> res.head()
+    >>> res = hx.metrics.pathway_coherence(pred_tiles, measured_tiles, gene_sets="hallmark")  # doctest: +SKIP
+    >>> res.head()  # doctest: +SKIP
     """
     sets = load_gene_sets(gene_sets)
     if not sets:

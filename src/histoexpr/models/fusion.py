@@ -210,8 +210,12 @@ class FusionViT(_FusionModel):
 
     Example
     -------
-    >>> model = FusionViT("vit_small_patch16_224", n_core_genes=150, n_targets=50, fusion="concat")
-    >>> y = model(images, core_tokens)  # (B, 3, 224, 224), (B, 196, 150) → (B, 50)
+    >>> import torch
+    >>> from histoexpr.models import FusionViT
+    >>> model = FusionViT("vit_tiny_patch16_224", n_core_genes=5, n_targets=3, fusion="concat", img_size=32, depth=1)
+    >>> images, core_tokens = torch.randn(2, 3, 32, 32), torch.ones(2, 4, 5)  # 4 patches of 16 px
+    >>> model(images, core_tokens).shape
+    torch.Size([2, 3])
     """
 
     def __init__(self, backbone: str = "vit_small_patch16_224", *, n_core_genes: int, n_targets: int,
@@ -356,8 +360,12 @@ class MinMAEBaseline:
 
     Example
     -------
-    >>> base = MinMAEBaseline().fit(core_log1p[train], targets[train], core_genes=core)
-    >>> pred = base.predict(core_log1p[test])
+    >>> import numpy as np
+    >>> from histoexpr.models import MinMAEBaseline
+    >>> core = np.array([[0.0, 1.0], [1.0, 2.0], [2.0, 0.0]])
+    >>> base = MinMAEBaseline().fit(core, core[:, [1]] + 0.1, core_genes=["A", "B"])
+    >>> base.source_genes_, base.predict(core).ravel().tolist()
+    (['B'], [1.0, 2.0, 0.0])
     """
 
     uses_image = False

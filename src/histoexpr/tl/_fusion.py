@@ -117,7 +117,7 @@ def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
 
     Example
     -------
-    >>> crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, random_state=0)
+    >>> crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, random_state=0)  # doctest: +SKIP
     """
     info = _crop_info(crops)
     g = groups if groups is not None else spatial_blocks(crops, block_size_um=block_size_um)
@@ -343,9 +343,9 @@ def train_fusion(
 
     Example
     -------
-    >>> model = hx.models.FusionViT(n_core_genes=150, n_targets=50, fusion="add")
-    >>> fit = hx.tl.train_fusion(crops, model, sdata=sdata, split="split", max_epochs=20)
-    >>> fit.history[["train_loss", "val_mse"]].plot()
+    >>> model = hx.models.FusionViT(n_core_genes=150, n_targets=50, fusion="add")  # doctest: +SKIP
+    >>> fit = hx.tl.train_fusion(crops, model, sdata=sdata, split="split", max_epochs=20)  # doctest: +SKIP
+    >>> fit.history[["train_loss", "val_mse"]].plot()  # doctest: +SKIP
     """
     import torch
 
@@ -519,8 +519,8 @@ def fuse_xenium(
 
     Example
     -------
-    >>> pred = hx.tl.fuse_xenium(sdata, fit, stride=112)
-    >>> sc.pp.neighbors(pred, use_rep="X_fusion"); sc.tl.leiden(pred)
+    >>> pred = hx.tl.fuse_xenium(sdata, fit, stride=112)  # doctest: +SKIP
+    >>> sc.pp.neighbors(pred, use_rep="X_fusion"); sc.tl.leiden(pred)  # doctest: +SKIP
     """
     import anndata as ad
 
@@ -601,7 +601,7 @@ def evaluate_fusion(models: Mapping[str, Any], crops, split: str | Sequence, *, 
 
     Example
     -------
-    >>> df = hx.tl.evaluate_fusion({"early": fit, "min-mae": base}, crops, "split")
+    >>> df = hx.tl.evaluate_fusion({"early": fit, "min-mae": base}, crops, "split")  # doctest: +SKIP
     """
     info = _crop_info(crops)
     labels = _split_labels(crops, split)

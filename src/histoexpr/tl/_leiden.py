@@ -61,8 +61,12 @@ def leiden(
 
     Example
     -------
-    >>> hx.tl.leiden(pred_tiles, resolution=0.5)
-    >>> pred_tiles.obs["leiden"].value_counts()
+    >>> import anndata as ad, numpy as np, histoexpr as hx
+    >>> tiles = ad.AnnData(np.zeros((60, 0), np.float32))
+    >>> tiles.obsm["X_enc"] = np.repeat(np.eye(3), 20, axis=0) + 0.01 * np.random.default_rng(0).normal(size=(60, 3))
+    >>> hx.tl.leiden(tiles, use_rep="X_enc", resolution=0.5)
+    >>> tiles.obs["leiden"].nunique()
+    3
     """
     import anndata as ad
     import scanpy as sc
