@@ -18,12 +18,6 @@ TINY = "vit_tiny_patch16_224"
 XENIUM = "xenium_segtraq/tests/data/xenium_sp_subset.zarr"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread(_torch_threads):
-    # tiny models: one thread is faster, and far faster when other jobs share the 2 cores
-    torch.set_num_threads(1)
-
-
 def _tiny(cls=FusionViT, **kw):
     torch.manual_seed(0)
     base = {"img_size": 48, "depth": 1}

@@ -6,41 +6,18 @@ import warnings
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from conftest import grid_tiles as _tiles
+from conftest import tiny_sequoia
 
 import histoexpr as hx
 from histoexpr.models import HistoPrism, Sequoia
 from histoexpr.tl._spatial import _masked_mse, _sliding_window_loop, window_index
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves (and the test machine is shared)
-    torch.set_num_threads(1)
-    yield
-
 def _tiny_sequoia(seed: int, d: int = 16, g: int = 6, genes=None):
-    torch.manual_seed(seed)
-    cfg = {"num_outputs": g, "input_dim": d, "depth": 1, "nheads": 2, "dimensions_f": 8, "dimensions_s": 8,
-           "dimensions_c": 8, "num_clusters": 100}
-    return Sequoia(cfg, genes=genes).eval()
-
-
-def _tiles(rows, cols, d=16, seed=0, slide_id="s1"):
-    rng = np.random.default_rng(seed)
-    n = len(rows)
-    ids = [f"{slide_id}_{r}_{c}" for r, c in zip(rows, cols)]
-    obs = pd.DataFrame({"slide_id": pd.Categorical([slide_id] * n), "tile_id": ids, "row": rows, "col": cols,
-                        "x0": np.asarray(cols) * 256, "y0": np.asarray(rows) * 256,
-                        "tissue_fraction": np.ones(n)}, index=ids)
-    a = ad.AnnData(np.zeros((n, 0), np.float32), obs=obs)
-    a.obsm["spatial"] = np.c_[obs.x0 + 128, obs.y0 + 128].astype(float)
-    a.obsm["X_enc"] = rng.normal(size=(n, d)).astype(np.float32)
-    a.uns["histoexpr"] = {"slide_id": slide_id, "encoder": "enc", "tile_size_level0": 256.0}
-    a.uns["spatial"] = {slide_id: {"scalefactors": {"spot_diameter_fullres": 256.0}}}
-    return a
+    return tiny_sequoia(K=100, D=d, G=g, seed=seed, genes=genes)
 
 
 @pytest.fixture(scope="module")
