@@ -1,6 +1,6 @@
 """histoexpr.models"""
 
-from ._base import CheckpointError, ExpressionModel, PretrainedMixin, read_state_dict
+from ._base import CheckpointError, ExpressionModel, ExpressionModule, PretrainedMixin, read_state_dict
 from ._load import load_model
 from .aggregators import HE2RNA, TransformerAggregator
 from .sequoia import Sequoia, load_bulk_model, sequoia_genes

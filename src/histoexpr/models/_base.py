@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 __all__ = [
     "CheckpointError",
     "ExpressionModel",
+    "ExpressionModule",
     "PretrainedMixin",
     "check_genes",
     "find_weights_file",
@@ -410,3 +412,33 @@ class PretrainedMixin:
         model.checkpoint = str(path_or_repo)
         model.eval()
         return model.to(get_device(device if device is not None else "cpu"))
+
+
+class ExpressionModule(PretrainedMixin, nn.Module):
+    """Base of the configurable expression models: ``Cls(config=None, *, genes=None, units=None, **kwargs)``.
+
+    The constructor merges ``config_defaults``, ``config`` and keyword arguments (unknown keys are an
+    error), casts ``int_keys`` to int, calls :meth:`_build` with the merged config, then checks the
+    gene list against ``num_outputs``.
+    """
+
+    int_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None = None,
+        *,
+        genes: Sequence[str] | None = None,
+        units: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        cfg = self._configure(config, kwargs, ints=self.int_keys)
+        self._build(cfg)
+        self._set_outputs(self._default_genes(cfg, genes), units, cfg["num_outputs"])
+
+    def _build(self, cfg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _default_genes(self, cfg: dict[str, Any], genes: Sequence[str] | None) -> Sequence[str] | None:
+        return genes

@@ -5,19 +5,18 @@ same Hugging Face layout as :class:`~histoexpr.models.Sequoia`, and carry ``gene
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._base import PretrainedMixin
+from ._base import ExpressionModule
 from .layers import SelfAttention, Transformer  # noqa: F401 - SelfAttention re-exported
 
 __all__ = ["HE2RNA", "TransformerAggregator"]
 
 
-class _AggregatorBase(PretrainedMixin, nn.Module):
+class _AggregatorBase(ExpressionModule):
     @property
     def num_clusters(self) -> int:
         return self.config["num_clusters"]
@@ -63,16 +62,7 @@ class HE2RNA(_AggregatorBase):
     model_type = "he2rna"
     config_defaults = HE2RNA_DEFAULTS
 
-    def __init__(
-        self,
-        config: Mapping[str, Any] | None = None,
-        *,
-        genes: Sequence[str] | None = None,
-        units: str | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__()
-        cfg = self._configure(config, kwargs)
+    def _build(self, cfg: dict[str, Any]) -> None:
         cfg["hidden_dims"] = [int(h) for h in cfg["hidden_dims"]]
         cfg["ks"] = sorted({int(k) for k in cfg["ks"]})
         dims = [cfg["input_dim"], *cfg["hidden_dims"]]
@@ -81,7 +71,6 @@ class HE2RNA(_AggregatorBase):
             layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg["dropout"])]
         layers.append(nn.Linear(dims[-1], cfg["num_outputs"]))
         self.mlp = nn.Sequential(*layers)
-        self._set_outputs(genes, units, cfg["num_outputs"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x)
@@ -127,25 +116,19 @@ class TransformerAggregator(_AggregatorBase):
     model_type = "transformer"
     config_defaults = TRANSFORMER_DEFAULTS
 
-    def __init__(
-        self,
-        config: Mapping[str, Any] | None = None,
-        *,
-        genes: Sequence[str] | None = None,
-        units: str | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__()
+    int_keys = ("num_outputs", "input_dim", "depth", "nheads", "dim_head", "mlp_dim", "num_clusters")
+
+    def _configure(self, config, kwargs, *, ints=()) -> dict[str, Any]:
         given = {**(config or {}), **kwargs}
         if "input_dim" in given and "mlp_dim" not in given:  # feed-forward width D, as in Sequoia
             kwargs = {**kwargs, "mlp_dim": given["input_dim"]}
-        cfg = self._configure(config, kwargs, ints=("num_outputs", "input_dim", "depth", "nheads", "dim_head",
-                                                    "mlp_dim", "num_clusters"))
+        return super()._configure(config, kwargs, ints=ints)
+
+    def _build(self, cfg: dict[str, Any]) -> None:
         dim = cfg["input_dim"]
         self.pos_emb1D = nn.Parameter(torch.randn(cfg["num_clusters"], dim))
         self.transformer = Transformer(dim, cfg["depth"], cfg["nheads"], cfg["dim_head"], cfg["mlp_dim"], cfg["dropout"])
         self.linear_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, cfg["num_outputs"]))
-        self._set_outputs(genes, units, cfg["num_outputs"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x)

@@ -23,13 +23,12 @@ is per tile, so peak memory is bounded by one chunk whatever the slide size.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._base import PretrainedMixin
+from ._base import ExpressionModule
 from .layers import ConditionCrossAttention
 
 __all__ = ["HistoPrism", "HISTOPRISM_DEFAULTS", "morton_order"]
@@ -74,7 +73,7 @@ HISTOPRISM_DEFAULTS: dict[str, Any] = {
 }
 
 
-class HistoPrism(PretrainedMixin, nn.Module):
+class HistoPrism(ExpressionModule):
     """HistoPrism-style direct model: tile features + slide condition → per-tile expression.
 
     Parameters
@@ -108,16 +107,7 @@ class HistoPrism(PretrainedMixin, nn.Module):
     config_defaults = HISTOPRISM_DEFAULTS
     default_units = "log1p(counts)"
 
-    def __init__(
-        self,
-        config: Mapping[str, Any] | None = None,
-        *,
-        genes: Sequence[str] | None = None,
-        units: str | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__()
-        cfg = self._configure(config, kwargs)
+    def _build(self, cfg: dict[str, Any]) -> None:
         if cfg["num_outputs"] is None:
             raise ValueError("HistoPrism needs num_outputs (the number of genes it predicts).")
         if cfg["conditions"] is not None:
@@ -151,7 +141,6 @@ class HistoPrism(PretrainedMixin, nn.Module):
             nn.Dropout(cfg["dropout"]),
             nn.Linear(hidden_dim, cfg["num_outputs"]),
         )
-        self._set_outputs(genes, units, cfg["num_outputs"])
 
     @property
     def conditions(self) -> list[str] | None:

@@ -10,14 +10,14 @@ prediction can be (slightly) negative; this is how the published model behaves a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._base import PretrainedMixin, read_gene_file
+from ._base import ExpressionModule, PretrainedMixin, read_gene_file
 from .layers import FeedForward, LinearizedMixer, LinearizedTransformer, SummaryMixingHead  # noqa: F401 - re-exported
 
 __all__ = ["Sequoia", "sequoia_genes", "PretrainedMixin", "load_bulk_model"]
@@ -55,7 +55,7 @@ SEQUOIA_DEFAULTS: dict[str, Any] = {
 }
 
 
-class Sequoia(PretrainedMixin, nn.Module):
+class Sequoia(ExpressionModule):
     """SEQUOIA linearized transformer: (B, K, D) cluster-mean tile features -> (B, G) bulk expression.
 
     Parameters
@@ -88,25 +88,20 @@ class Sequoia(PretrainedMixin, nn.Module):
     config_defaults = SEQUOIA_DEFAULTS
     default_units = OFFICIAL_UNITS
 
-    def __init__(
-        self,
-        config: Mapping[str, Any] | None = None,
-        *,
-        genes: Sequence[str] | None = None,
-        units: str | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__()
-        cfg = self._configure(config, kwargs, ints=[k for k in SEQUOIA_DEFAULTS if k != "device"])
+    int_keys = tuple(k for k in SEQUOIA_DEFAULTS if k != "device")
+
+    def _build(self, cfg: dict[str, Any]) -> None:
         dim = cfg["input_dim"]
         self.pos_emb1D = nn.Parameter(torch.randn(cfg["num_clusters"], dim))
         self.transformer = LinearizedTransformer(
             dim, cfg["depth"], cfg["nheads"], cfg["dimensions_f"], cfg["dimensions_s"], cfg["dimensions_c"]
         )
         self.linear_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, cfg["num_outputs"]))
+
+    def _default_genes(self, cfg: dict[str, Any], genes: Sequence[str] | None) -> Sequence[str] | None:
         if genes is None and cfg["num_outputs"] == SEQUOIA_DEFAULTS["num_outputs"]:
-            genes = sequoia_genes()
-        self._set_outputs(genes, units, cfg["num_outputs"])
+            return sequoia_genes()
+        return genes
 
     def _config_to_save(self) -> dict[str, Any]:
         return dict(self.config)  # the released layout: no model_type key
