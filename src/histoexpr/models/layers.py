@@ -17,6 +17,7 @@ __all__ = [
     "FeedForward",
     "LinearizedMixer",
     "LinearizedTransformer",
+    "ResidualBlocks",
     "SelfAttention",
     "SummaryMixingHead",
     "Transformer",
@@ -96,23 +97,25 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-class LinearizedTransformer(nn.Module):
+class ResidualBlocks(nn.Module):
+    """``x = mix(x) + x; x = ff(x) + x`` for each ``(mix, ff)`` block (``layers.{i}.{0,1}``)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleList(block) for block in blocks])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for mix, ff in self.layers:
+            x = mix(x) + x
+            x = ff(x) + x
+        return x
+
+
+class LinearizedTransformer(ResidualBlocks):
     """``depth`` blocks of ``x = mixer(x) + x; x = ff(x) + x`` (no norm before the mixer, no dropout)."""
 
     def __init__(self, dim: int, depth: int, nheads: int, dim_f: int, dim_s: int, dim_c: int):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            [
-                nn.ModuleList([LinearizedMixer(dim, nheads, dim_f, dim_s, dim_c), FeedForward(dim)])
-                for _ in range(depth)
-            ]
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for mixer, ff in self.layers:
-            x = mixer(x) + x
-            x = ff(x) + x
-        return x
+        super().__init__([LinearizedMixer(dim, nheads, dim_f, dim_s, dim_c), FeedForward(dim)] for _ in range(depth))
 
 
 class SelfAttention(nn.Module):
@@ -135,23 +138,13 @@ class SelfAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class Transformer(nn.Module):
+class Transformer(ResidualBlocks):
     """``depth`` pre-norm blocks of ``x = attn(x) + x; x = ff(x) + x``."""
 
     def __init__(self, dim: int, depth: int, nheads: int, dim_head: int, mlp_dim: int, dropout: float):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            [
-                nn.ModuleList([SelfAttention(dim, nheads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout)])
-                for _ in range(depth)
-            ]
+        super().__init__(
+            [SelfAttention(dim, nheads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout)] for _ in range(depth)
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
 
 
 class ConditionCrossAttention(nn.Module):

@@ -115,26 +115,11 @@ def _dim_error(got: int, expected: int, what: str) -> str:
     )
 
 
-def _gather_inputs(
-    data: Any,
-    *,
-    use_rep: str | None,
-    n_clusters: int,
-    input_dim: int | None,
-    cluster_key: str,
-    random_state: int,
-    slide_key: str,
-) -> tuple[np.ndarray, pd.DataFrame]:
+def _gather_inputs(data: Any, **kwargs: Any) -> tuple[np.ndarray, pd.DataFrame]:
+    """Cluster-mean inputs of tiles AnnData (one or a list; ``kwargs`` of :func:`_tiles_to_inputs`) or an array."""
     from anndata import AnnData
 
-    kwargs = dict(
-        use_rep=use_rep,
-        n_clusters=n_clusters,
-        input_dim=input_dim,
-        cluster_key=cluster_key,
-        random_state=random_state,
-        slide_key=slide_key,
-    )
+    input_dim, n_clusters = kwargs["input_dim"], kwargs["n_clusters"]
     if isinstance(data, AnnData):
         return _tiles_to_inputs(data, **kwargs)
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, AnnData) for d in data):
