@@ -320,6 +320,22 @@ def test_predict_keeps_the_model_mode(real):
     np.testing.assert_allclose(pred, expected, atol=1e-6)
 
 
+
+def test_fusion_verbs_take_a_checkpoint_directory(real, tmp_path):
+    _, crops = real
+    info = crops.uns["histoexpr"]
+    torch.manual_seed(0)
+    model = ExpressionMLP(n_core_genes=len(info["core_genes"]), n_targets=crops.n_vars)
+    model.core_genes, model.target_genes = list(info["core_genes"]), list(info["addon_genes"])
+    folder = model.save_pretrained(tmp_path / "mlp")
+    idx = np.arange(6)
+    np.testing.assert_allclose(hx.tl.predict_fusion(crops, str(folder), indices=idx, device="cpu"),
+                               hx.tl.predict_fusion(crops, model, indices=idx, device="cpu"), atol=1e-6)
+    with pytest.warns(DeprecationWarning, match="data first"):
+        old = hx.tl.predict_fusion(model, crops, indices=idx, device="cpu")
+    np.testing.assert_allclose(old, hx.tl.predict_fusion(crops, model, indices=idx, device="cpu"), atol=1e-6)
+
+
 def test_train_bad_input(real):
     sdata, crops = real
     n_core = len(crops.uns["histoexpr"]["core_genes"])

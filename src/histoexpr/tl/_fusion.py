@@ -317,7 +317,8 @@ def train_fusion(
     crops
         Crops from :func:`histoexpr.pp.xenium_crops`.
     model
-        A model from :mod:`histoexpr.models.fusion` (modified in place) or a ``MinMAEBaseline``.
+        A model from :mod:`histoexpr.models.fusion` (modified in place), a checkpoint directory of one
+        (``save_pretrained``), or a ``MinMAEBaseline``.
     sdata
         The SpatialData of the crops, for the image pixels (default: re-read from the zarr path).
     split
@@ -351,6 +352,7 @@ def train_fusion(
 
     from ..models.fusion import MinMAEBaseline
 
+    model = _unwrap(model)  # a checkpoint directory (fine-tuning) or an earlier TrainResult
     info = _crop_info(crops)
     _check_panels(model, info)
     if split is None:
