@@ -86,3 +86,18 @@ def test_load_models_rejects_other_things():
         load_models([])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_models("no/such/dir")
+
+
+def test_a_training_result_stands_for_its_models():
+    from test_bulk import planted_cohort
+
+    X, Y, patients = planted_cohort(n_patients=9)
+    res = hx.tl.train_bulk(X, Y, patients, model_kwargs={"depth": 1, "nheads": 2, "dimensions_f": 8,
+                                                         "dimensions_s": 8, "dimensions_c": 8},
+                           n_folds=3, max_epochs=1, progress=False, device="cpu")
+    assert isinstance(res, hx.tl.TrainResult) and len(res.models) == 3 and res.model is None
+    from_result = hx.tl.predict_bulk(X[:2], res, device="cpu")
+    from_models = hx.tl.predict_bulk(X[:2], res.models, device="cpu")
+    np.testing.assert_allclose(from_result.X, from_models.X)
+    with pytest.raises(AttributeError, match="no attribute 'genes'"):
+        res.genes  # noqa: B018 - nothing to delegate to for cross-validation

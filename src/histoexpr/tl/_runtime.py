@@ -149,14 +149,14 @@ def load_models(model: Any, *, loader: Callable[[str | os.PathLike], Any] | None
     model objects are returned as they are (they are moved to the device only while predicting).
     """
     items = list(model) if isinstance(model, (list, tuple)) else [model]
+    # a training result stands for its model(s): the fold models of train_bulk
+    items = [m for item in items for m in ((item.models or [item.model]) if isinstance(item, TrainResult) else [item])]
     if not items:
         raise ValueError("`model` is an empty list; pass a model, a checkpoint directory or a list of them")
     if loader is None:
         from ..models import load_model as loader
     out = []
     for item in items:
-        if isinstance(item, TrainResult):
-            item = item.model
         if isinstance(item, (str, os.PathLike)):
             out.append(loader(item).eval())
         elif callable(getattr(item, "forward", None)) or hasattr(item, "predict"):
