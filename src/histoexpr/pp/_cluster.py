@@ -151,10 +151,12 @@ def cluster_features(
 
     Example
     -------
-    >>> import histoexpr as hx
-    >>> hx.pp.cluster_features(tiles, use_rep="X_uni")  # doctest: +SKIP
-    >>> tiles.uns["kmeans"]["means"]["slide-1"].shape  # doctest: +SKIP
-    (100, 1024)
+    >>> import anndata as ad, numpy as np, pandas as pd, histoexpr as hx
+    >>> tiles = ad.AnnData(obs=pd.DataFrame({"slide_id": ["s1"] * 50}, index=[f"t{i}" for i in range(50)]))
+    >>> tiles.obsm["X_uni"] = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    >>> hx.pp.cluster_features(tiles, use_rep="X_uni", n_clusters=10)
+    >>> tiles.uns["kmeans"]["means"]["s1"].shape
+    (10, 8)
     """
     import pandas as pd
 

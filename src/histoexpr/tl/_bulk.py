@@ -221,7 +221,12 @@ def predict_bulk(
 
     Example
     -------
-    >>> import histoexpr as hx
+    >>> import numpy as np, histoexpr as hx
+    >>> from histoexpr.models import Sequoia
+    >>> model = Sequoia(num_outputs=3, input_dim=8, depth=1, nheads=2, num_clusters=10)
+    >>> bulk = hx.tl.predict_bulk(np.zeros((2, 10, 8), np.float32), model, device="cpu")  # 2 slides
+    >>> bulk.shape, list(bulk.obs_names)
+    ((2, 3), ['slide_0', 'slide_1'])
     >>> bulk = hx.tl.predict_bulk(tiles, "sequoia-brca-0/")  # doctest: +SKIP
     >>> folds = [f"sequoia-brca-{i}/" for i in range(5)]
     >>> bulk = hx.tl.predict_bulk(tiles, folds, use_rep="X_uni")  # doctest: +SKIP

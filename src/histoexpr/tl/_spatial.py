@@ -441,6 +441,20 @@ def predict_spatial(
 
     Examples
     --------
+    A tiny random model on a 12 × 12 grid of random features (runs anywhere):
+
+    >>> import anndata as ad, numpy as np, pandas as pd, histoexpr as hx
+    >>> from histoexpr.models import Sequoia
+    >>> rows, cols = np.divmod(np.arange(144), 12)
+    >>> tiles = ad.AnnData(obs=pd.DataFrame({"row": rows, "col": cols}, index=[f"t{i}" for i in range(144)]))
+    >>> tiles.obsm["X_enc"] = np.random.default_rng(0).normal(size=(144, 8)).astype(np.float32)
+    >>> model = Sequoia(num_outputs=3, input_dim=8, depth=1, nheads=2, num_clusters=100, genes=["A", "B", "C"])
+    >>> pred = hx.tl.predict_spatial(tiles, model, device="cpu")
+    >>> pred.shape, pred.uns["histoexpr"]["units"]
+    ((144, 3), 'log2(FPKM-UQ+1)')
+
+    With the released SEQUOIA fold models (checkpoint directories) on UNI features:
+
     >>> pred = hx.tl.predict_spatial(tiles, sequoia_folds, use_rep="X_uni")  # doctest: +SKIP
     >>> sq.pl.spatial_scatter(pred, color="ERBB2", shape="square")  # doctest: +SKIP
     """
