@@ -452,10 +452,21 @@ def predict_fusion(crops, model, *, sdata=None, indices: np.ndarray | None = Non
     crops
         Crop AnnData from :func:`histoexpr.pp.xenium_crops`.
     model
-        A trained model, a :class:`FusionFit`, or a checkpoint directory written by ``save_pretrained``.
-        (The old order ``predict_fusion(model, crops)`` still works, with a ``DeprecationWarning``.)
+        A trained model, a :class:`~histoexpr.tl.TrainResult` of :func:`train_fusion`, or a checkpoint
+        directory written by ``save_pretrained``. The old order ``predict_fusion(model, crops)`` still
+        works, with a ``DeprecationWarning``.
+    sdata
+        The SpatialData the crops were cut from (for the pixels).
+    indices
+        Positions of the crops to predict (default: all).
+    batch_size, device
+        Inference settings.
+    embeddings
+        Also return the fused embedding.
 
-    Returns ``pred`` ``(n, n_addon)``, or ``(pred, embedding)`` with ``embeddings=True`` (``None`` for
+    Returns
+    -------
+    ``pred`` ``(n, n_addon)``, or ``(pred, embedding)`` with ``embeddings=True`` (``None`` for
     Min-MAE, which has no embedding).
     """
     import anndata as ad
