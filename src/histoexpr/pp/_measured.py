@@ -67,6 +67,13 @@ def map_measured_to_tiles(
 
     Examples
     --------
+    >>> import anndata as ad, numpy as np, pandas as pd, histoexpr as hx
+    >>> spots = ad.AnnData(np.array([[1.0], [3.0], [5.0]]), var=pd.DataFrame(index=["GENE"]))
+    >>> spots.obsm["spatial"] = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
+    >>> tiles = ad.AnnData(obs=pd.DataFrame({"row": [0, 0], "col": [0, 1]}, index=["t0", "t1"]))
+    >>> tiles.obsm["spatial"] = np.array([[4.0, 0.0], [16.0, 0.0]])
+    >>> hx.pp.map_measured_to_tiles(spots, tiles, k=2).X.ravel().tolist()
+    [2.0, 4.0]
     >>> truth = hx.pp.map_measured_to_tiles(visium, tiles, median_filter=True, min_unique=10)  # doctest: +SKIP
     """
     import anndata as ad
