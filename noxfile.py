@@ -19,9 +19,9 @@ def _install(session: nox.Session, extras: str | None = None) -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Run the test suite (fast tier; ``nox -s tests -- --runslow`` for everything)."""
+    """Run the test suite and the docstring examples (fast tier; ``nox -s tests -- --runslow`` for everything)."""
     _install(session, "test")
-    args = session.posargs or ["-q", "-n", "2", "--durations=15"]
+    args = session.posargs or ["-q", "-n", "2", "--durations=15", "--doctest-modules", "src/histoexpr", "tests"]
     session.run("pytest", *args, env={"MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
 
 

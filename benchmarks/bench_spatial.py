@@ -463,16 +463,16 @@ def bench_her2st(quick: bool) -> dict:
         # 1) train C2+C3, early stopping on C4 → number of epochs
         m_val = hx.tl.train_spatial({s: slides[s] for s in SECTIONS_TRAIN}, use_rep="X_hed_z", genes=genes,
                                     condition_key="cancer", train=list(SECTIONS_TRAIN[:-1]),
-                                    val=[SECTIONS_TRAIN[-1]], epochs=max_epochs,
-                                    lr=lr, patience=30, seed=0, device="cpu", model_kwargs=model_kwargs)
-        best_epoch = m_val.history["best_epoch"]
+                                    val=[SECTIONS_TRAIN[-1]], max_epochs=max_epochs,
+                                    lr=lr, patience=30, random_state=0, device="cpu", model_kwargs=model_kwargs)
+        best_epoch = m_val.best_epoch
         # 2) retrain on all of C2–C4 for that many epochs (the model evaluated on B4)
         m_all = hx.tl.train_spatial({s: slides[s] for s in SECTIONS_TRAIN}, use_rep="X_hed_z", genes=genes,
-                                    condition_key="cancer", train=list(SECTIONS_TRAIN), epochs=best_epoch + 1,
-                                    lr=lr, seed=0, device="cpu", model_kwargs=model_kwargs)
+                                    condition_key="cancer", train=list(SECTIONS_TRAIN), max_epochs=best_epoch + 1,
+                                    lr=lr, random_state=0, device="cpu", model_kwargs=model_kwargs)
         val_s = SECTIONS_TRAIN[-1]
         entry = {"lr": lr, f"best_epoch_on_{val_s}": int(best_epoch),
-                 "epochs_run_with_val": m_val.history["epochs_run"],
+                 "epochs_run_with_val": m_val.epochs_run,
                  f"val_mse_{val_s}": round(float(m_val.history["val_loss"][best_epoch]), 4)}
         early = f"trained_{'_'.join(SECTIONS_TRAIN[:-1])}_earlystop_{val_s}"
         for label, m in ((early, m_val), ("trained_all_training_sections", m_all)):
@@ -487,7 +487,8 @@ def bench_her2st(quick: bool) -> dict:
     # the same (last) configuration on depth-normalised targets, retrained on C2–C4 for its best epoch count
     m_norm = hx.tl.train_spatial({s: slides[s] for s in SECTIONS_TRAIN}, use_rep="X_hed_z", genes=genes,
                                  layer="cp10k", condition_key="cancer", train=list(SECTIONS_TRAIN),
-                                 epochs=best_epoch + 1, lr=lr, seed=0, device="cpu", model_kwargs=model_kwargs)
+                                 max_epochs=best_epoch + 1, lr=lr, random_state=0, device="cpu",
+                                 model_kwargs=model_kwargs)
     pred = hx.tl.predict_spatial(test, m_norm, method="direct", use_rep="X_hed_z", condition="BRCA", device="cpu")
     r_hp_norm = np.asarray(pearson(pred[:, genes].X, yn_test, return_pvalue=False))
     results["normalised_targets_log1p_cp10k"]["histoprism_trained_all_training_sections"] = {

@@ -7,28 +7,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SEQUOIA_SMALL
+from conftest import tiny_sequoia as _tiny_sequoia
 
 from histoexpr.models import Sequoia
 from histoexpr.tl import predict_bulk, train_bulk
 from histoexpr.tl._bulk import EarlyStopping, patient_folds
 
-SMALL = {"depth": 1, "nheads": 2, "dimensions_f": 8, "dimensions_s": 8, "dimensions_c": 8}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is ~10x faster than two on a shared 2-core machine
-    torch.set_num_threads(1)
-    yield
+SMALL = SEQUOIA_SMALL
 
 
 def tiny_sequoia(K=6, D=8, G=5, seed=0, zero_pos=False):
-    torch.manual_seed(seed)
-    model = Sequoia({"num_outputs": G, "input_dim": D, "num_clusters": K, **SMALL}, genes=[f"g{i}" for i in range(G)])
-    if zero_pos:  # no slot embedding -> the model is invariant to the order of the K cluster means
-        with torch.no_grad():
-            model.pos_emb1D.zero_()
-    return model.eval()
+    return _tiny_sequoia(K=K, D=D, G=G, seed=seed, genes=[f"g{i}" for i in range(G)], zero_pos=zero_pos)
 
 
 def blob_tiles(slide_id, centres, copies=3, seed=0):

@@ -18,12 +18,6 @@ TINY = "vit_tiny_patch16_224"
 XENIUM = "xenium_segtraq/tests/data/xenium_sp_subset.zarr"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread(_torch_threads):
-    # tiny models: one thread is faster, and far faster when other jobs share the 2 cores
-    torch.set_num_threads(1)
-
-
 def _tiny(cls=FusionViT, **kw):
     torch.manual_seed(0)
     base = {"img_size": 48, "depth": 1}
@@ -319,11 +313,27 @@ def test_predict_keeps_the_model_mode(real):
     n_core = len(crops.uns["histoexpr"]["core_genes"])
     torch.manual_seed(0)
     model = ExpressionMLP(n_core_genes=n_core, n_targets=crops.n_vars).train()
-    pred = hx.tl.predict_fusion(model, crops, indices=np.arange(5), device="cpu")
+    pred = hx.tl.predict_fusion(crops, model, indices=np.arange(5), device="cpu")
     assert model.training and pred.shape == (5, crops.n_vars)
     with torch.no_grad():
         expected = model.eval()(None, torch.from_numpy(core_tokens_dense(crops, np.arange(5)))).numpy()
     np.testing.assert_allclose(pred, expected, atol=1e-6)
+
+
+
+def test_fusion_verbs_take_a_checkpoint_directory(real, tmp_path):
+    _, crops = real
+    info = crops.uns["histoexpr"]
+    torch.manual_seed(0)
+    model = ExpressionMLP(n_core_genes=len(info["core_genes"]), n_targets=crops.n_vars)
+    model.core_genes, model.target_genes = list(info["core_genes"]), list(info["addon_genes"])
+    folder = model.save_pretrained(tmp_path / "mlp")
+    idx = np.arange(6)
+    np.testing.assert_allclose(hx.tl.predict_fusion(crops, str(folder), indices=idx, device="cpu"),
+                               hx.tl.predict_fusion(crops, model, indices=idx, device="cpu"), atol=1e-6)
+    with pytest.warns(DeprecationWarning, match="data first"):
+        old = hx.tl.predict_fusion(model, crops, indices=idx, device="cpu")
+    np.testing.assert_allclose(old, hx.tl.predict_fusion(crops, model, indices=idx, device="cpu"), atol=1e-6)
 
 
 def test_train_bad_input(real):
@@ -339,7 +349,7 @@ def test_train_bad_input(real):
     other = ExpressionMLP(n_core_genes=n_core, n_targets=crops.n_vars)
     other.core_genes = list(reversed(crops.uns["histoexpr"]["core_genes"]))
     with pytest.raises(FusionError, match="gene panel mismatch"):
-        hx.tl.predict_fusion(other, crops)
+        hx.tl.predict_fusion(crops, other)
     with pytest.raises(FusionError, match="xenium_crops"):
         hx.tl.train_fusion(_without_tokens(crops), other, epochs=1)
 
@@ -358,5 +368,5 @@ def test_train_on_cuda_with_bf16_autocast(real):
     fit = hx.tl.train_fusion(crops, model, sdata=sdata, split="split", epochs=2, batch_size=16, warmup=0.5,
                              progress=False, device="cuda")
     assert fit.device.startswith("cuda") and np.isfinite(fit.history["val_mse"]).all()
-    pred = hx.tl.predict_fusion(fit, crops, sdata=sdata, device="cuda")
+    pred = hx.tl.predict_fusion(crops, fit, sdata=sdata, device="cuda")
     assert pred.shape == crops.shape and np.isfinite(pred).all()

@@ -5,22 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_histoprism as _tiny
 
 from histoexpr.models import HistoPrism
 from histoexpr.models.histoprism import morton_order
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves (and the test machine is shared)
-    torch.set_num_threads(1)
-    yield
-
-def _tiny(**kw):
-    cfg = dict(input_dim=16, num_outputs=7, hidden_dim=32, nheads=4, dim_feedforward=64, dropout=0.0)
-    cfg.update(kw)
-    torch.manual_seed(0)
-    return HistoPrism(cfg).eval()
 
 
 def test_architecture_matches_spec():

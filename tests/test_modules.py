@@ -9,7 +9,8 @@ import pytest
 from scipy.stats import linregress
 
 import histoexpr as hx
-from histoexpr.metrics import ModuleCoexpression, module_coexpression, score_gene_sets
+from histoexpr.metrics import ModuleCoexpression, module_coexpression
+from histoexpr.tl import score_gene_sets
 
 
 def _module_slides(n_slides=3, n_tiles=120, seed=0):

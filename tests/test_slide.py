@@ -116,8 +116,8 @@ def test_spatialdata_image_element(shared_data):
     patch = slide.read_region((10, 20), 0, (16, 8))
     expected = np.moveaxis(np.asarray(sdata.images["he_image"]["scale0"]["image"][:, 20:28, 10:26]), 0, -1)
     np.testing.assert_array_equal(patch, expected)
-    with pytest.raises(SlideError, match="image_key"):
-        hx.io.open_slide(sdata)
+    # the one image-key rule (histoexpr.io.pick_image_key): the only RGB image is the H&E
+    assert hx.io.open_slide(sdata, mpp=1.0).slide_id == "he_image"
     with pytest.raises(SlideError, match="coordinate system"):
         hx.io.open_slide(sdata, image_key="he_image", coordinate_system="nope")
 

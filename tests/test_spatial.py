@@ -6,41 +6,18 @@ import warnings
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from conftest import grid_tiles as _tiles
+from conftest import tiny_sequoia
 
 import histoexpr as hx
 from histoexpr.models import HistoPrism, Sequoia
 from histoexpr.tl._spatial import _masked_mse, _sliding_window_loop, window_index
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves (and the test machine is shared)
-    torch.set_num_threads(1)
-    yield
-
 def _tiny_sequoia(seed: int, d: int = 16, g: int = 6, genes=None):
-    torch.manual_seed(seed)
-    cfg = {"num_outputs": g, "input_dim": d, "depth": 1, "nheads": 2, "dimensions_f": 8, "dimensions_s": 8,
-           "dimensions_c": 8, "num_clusters": 100}
-    return Sequoia(cfg, genes=genes).eval()
-
-
-def _tiles(rows, cols, d=16, seed=0, slide_id="s1"):
-    rng = np.random.default_rng(seed)
-    n = len(rows)
-    ids = [f"{slide_id}_{r}_{c}" for r, c in zip(rows, cols)]
-    obs = pd.DataFrame({"slide_id": pd.Categorical([slide_id] * n), "tile_id": ids, "row": rows, "col": cols,
-                        "x0": np.asarray(cols) * 256, "y0": np.asarray(rows) * 256,
-                        "tissue_fraction": np.ones(n)}, index=ids)
-    a = ad.AnnData(np.zeros((n, 0), np.float32), obs=obs)
-    a.obsm["spatial"] = np.c_[obs.x0 + 128, obs.y0 + 128].astype(float)
-    a.obsm["X_enc"] = rng.normal(size=(n, d)).astype(np.float32)
-    a.uns["histoexpr"] = {"slide_id": slide_id, "encoder": "enc", "tile_size_level0": 256.0}
-    a.uns["spatial"] = {slide_id: {"scalefactors": {"spot_diameter_fullres": 256.0}}}
-    return a
+    return tiny_sequoia(K=100, D=d, G=g, seed=seed, genes=genes)
 
 
 @pytest.fixture(scope="module")
@@ -284,21 +261,21 @@ def test_map_measured_to_tiles_matches_sklearn(her2st_c2):
     gx, gy = np.meshgrid(np.arange(xs.size), np.arange(ys.size))
     tiles = _tiles(gy.ravel(), gx.ravel())
     tiles.obsm["spatial"] = np.c_[xs[gx.ravel()], ys[gy.ravel()]]
-    truth = hx.tl.map_measured_to_tiles(spots, tiles, k=4)
+    truth = hx.pp.map_measured_to_tiles(spots, tiles, k=4)
     _, nn = NearestNeighbors(n_neighbors=4).fit(xy).kneighbors(tiles.obsm["spatial"])
     x = spots.X.toarray() if hasattr(spots.X, "toarray") else spots.X
     np.testing.assert_allclose(truth.X, x[nn].mean(1), rtol=1e-5, atol=1e-6)
     assert list(truth.var_names) == list(spots.var_names)
 
     # 3 × 3 median filter over the tiles present around each tile, brute force
-    filt = hx.tl.map_measured_to_tiles(spots, tiles, k=4, median_filter=True)
+    filt = hx.pp.map_measured_to_tiles(spots, tiles, k=4, median_filter=True)
     where = {(a, b): i for i, (a, b) in enumerate(zip(tiles.obs.row, tiles.obs.col))}
     for i in [0, 17, len(where) // 2, len(where) - 1]:
         a, b = tiles.obs.row.iloc[i], tiles.obs.col.iloc[i]
         nb = [where[(a + da, b + db)] for da in (-1, 0, 1) for db in (-1, 0, 1) if (a + da, b + db) in where]
         np.testing.assert_allclose(filt.X[i], np.median(truth.X[nb], axis=0), rtol=1e-5, atol=1e-6)
 
-    uniq = hx.tl.map_measured_to_tiles(spots, tiles, k=4, min_unique=10)
+    uniq = hx.pp.map_measured_to_tiles(spots, tiles, k=4, min_unique=10)
     n_unique = np.array([np.unique(truth.X[:, j]).size for j in range(truth.n_vars)])
     assert list(uniq.var_names) == list(truth.var_names[n_unique >= 10])
 
@@ -308,7 +285,7 @@ def test_map_measured_to_tiles_coordinate_mismatch(her2st_c2):
     tiles = _tiles(r, c)
     tiles.obsm["spatial"] = tiles.obsm["spatial"] + 1e6
     with pytest.raises(ValueError, match="do not overlap"):
-        hx.tl.map_measured_to_tiles(her2st_c2, tiles)
+        hx.pp.map_measured_to_tiles(her2st_c2, tiles)
 
 
 def test_map_measured_to_tiles_refuses_several_slides():
@@ -319,8 +296,8 @@ def test_map_measured_to_tiles_refuses_several_slides():
     spots = ad.AnnData(np.random.default_rng(0).poisson(3, size=(30, 4)).astype(np.float32))
     spots.obsm["spatial"] = np.random.default_rng(1).uniform(0, 1024, size=(30, 2))
     with pytest.raises(ValueError, match="several slides"):
-        hx.tl.map_measured_to_tiles(spots, both)
-    one = hx.tl.map_measured_to_tiles(spots, both[both.obs["slide_id"] == "a"])
+        hx.pp.map_measured_to_tiles(spots, both)
+    one = hx.pp.map_measured_to_tiles(spots, both[both.obs["slide_id"] == "a"])
     assert one.n_obs == 16
 
 
@@ -355,13 +332,15 @@ def test_train_spatial_on_her2st(her2st_c2, her2st_c3, tmp_path):
     c3 = c3[:, genes[:35]].copy()  # C3 "does not measure" 5 panel genes: masked in its loss
     kw = dict(use_rep="X_enc", genes=genes, condition_key="cancer", train=["C2"], val=["C3"], epochs=30, lr=1e-2,
               patience=10, device="cpu", model_kwargs={"hidden_dim": 32, "nheads": 4, "dim_feedforward": 64})
-    model = hx.tl.train_spatial({"C2": c2, "C3": c3}, checkpoint_dir=tmp_path / "ckpt", seed=0, **kw)
-    h = model.history
+    res = hx.tl.train_spatial({"C2": c2, "C3": c3}, checkpoint_dir=tmp_path / "ckpt", random_state=0, **kw)
+    model, h = res.model, res.model.history
+    assert res.best_epoch == h["best_epoch"] and res.epochs_run == h["epochs_run"] == len(res.history)
+    assert res.best_score == pytest.approx(res.history["val_loss"].min())
     assert model.genes == genes and model.conditions == ["BRCA"]
     assert h["best_epoch"] == int(np.argmin(h["val_loss"])) and len(h["train_loss"]) == h["epochs_run"]
     # same seed → same model (short runs)
     short = {**kw, "epochs": 3}
-    one, two = (hx.tl.train_spatial({"C2": c2, "C3": c3}, seed=5, **short) for _ in range(2))
+    one, two = (hx.tl.train_spatial({"C2": c2, "C3": c3}, random_state=5, **short).model for _ in range(2))
     for (k, v), (_, w) in zip(one.state_dict().items(), two.state_dict().items()):
         torch.testing.assert_close(v, w, msg=k)
     # checkpoint round trip → same predictions through predict_spatial
@@ -392,7 +371,7 @@ def test_train_spatial_without_validation_keeps_last_epoch(her2st_c2, tmp_path):
     a = _with_features(her2st_c2, list(her2st_c2.var_names[:8]), 0)
     kw = dict(use_rep="X_enc", epochs=3, lr=1e-3, device="cpu", seed=1,
               model_kwargs={"hidden_dim": 16, "nheads": 2, "dim_feedforward": 32})
-    model = hx.tl.train_spatial({"C2": a}, checkpoint_dir=tmp_path / "ckpt", **kw)
+    model = hx.tl.train_spatial({"C2": a}, checkpoint_dir=tmp_path / "ckpt", **kw).model
     assert model.history["best_epoch"] == 2 and model.history["epochs_run"] == 3
     assert model.history["val_loss"] == [None, None, None]
     loaded = HistoPrism.from_pretrained(tmp_path / "ckpt")

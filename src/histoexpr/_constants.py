@@ -1,4 +1,4 @@
-"""Keys and defaults shared across the package (SPEC §1, §2)."""
+"""Keys and defaults shared across the package."""
 
 #: ``adata.uns`` key holding histoexpr metadata (tile size, mpp, encoder, model, units, panel).
 UNS_KEY = "histoexpr"

@@ -45,17 +45,6 @@ def check_finite(x: np.ndarray, *, what: str, hint: str = _FEATURES_HINT) -> Non
         )
 
 
-def bf16_autocast(device):
-    """bf16 autocast on CUDA, a no-op context elsewhere."""
-    import contextlib
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def warn(msg: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(msg, category, stacklevel=3)
 
@@ -88,3 +77,105 @@ def resolve_feature_key(adata, use_rep: str | None = None) -> str:
         f"cannot tell which obsm entry holds the tile features (candidates: {candidates}); pass "
         "use_rep='X_<encoder>' (features come from histoexpr.pp.extract_features)"
     )
+
+
+def renamed_kwargs(**renames: str):
+    """Decorator: accept the old keyword names ``old=new`` for one release, with a DeprecationWarning.
+
+    Example
+    -------
+    >>> @renamed_kwargs(seed="random_state")
+    ... def f(*, random_state=0):
+    ...     return random_state
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     f(seed=3)
+    3
+    """
+    import functools
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {old}= (deprecated) and {new}=; pass only {new}=")
+                    warnings.warn(f"{fn.__name__}({old}=...) is deprecated; use {new}=", DeprecationWarning,
+                                  stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def align_by_index(time: Any, event: Any, groups: Any) -> tuple[Any, Any, Any]:
+    """Put pandas inputs in the order of ``time``'s index (e.g. clinical table vs risk groups of predictions)."""
+    import pandas as pd
+
+    if not isinstance(time, pd.Series):
+        return time, event, groups
+    aligned = []
+    for name, values in (("event", event), ("groups", groups)):
+        if isinstance(values, pd.Series) and not values.index.equals(time.index):
+            if len(values) != len(time) or set(values.index) != set(time.index):
+                raise ValueError(
+                    f"`{name}` and `time` are pandas Series indexed by different samples; select the same "
+                    f"samples in both (e.g. {name}.reindex(time.index))"
+                )
+            values = values.reindex(time.index)
+        aligned.append(values)
+    return time, aligned[0], aligned[1]
+
+
+#: Slide id of tiles that record none (no ``obs[slide_key]`` and no ``uns["histoexpr"]["slide_id"]``).
+DEFAULT_SLIDE_ID = "slide_0"
+
+
+def iter_slides(adata, slide_key: str = "slide_id") -> list[tuple[str, np.ndarray]]:
+    """``(slide_id, positions)`` of each slide of a (possibly concatenated) AnnData, in order of appearance.
+
+    The one rule: slides are told apart by ``obs[slide_key]``; without that column the whole AnnData
+    is one slide whose id is ``uns["histoexpr"]["slide_id"]``, else ``"slide_0"``.
+
+    Example
+    -------
+    >>> import anndata as ad, pandas as pd
+    >>> a = ad.AnnData(obs=pd.DataFrame({"slide_id": ["b", "a", "b"]}, index=["t0", "t1", "t2"]))
+    >>> [(s, pos.tolist()) for s, pos in iter_slides(a)]
+    [('b', [0, 2]), ('a', [1])]
+    """
+    import pandas as pd
+
+    if slide_key in adata.obs:
+        ids = adata.obs[slide_key].astype(str).to_numpy()
+        return [(str(s), np.flatnonzero(ids == s)) for s in pd.unique(ids)]
+    info = adata.uns.get(UNS_KEY)
+    sid = info.get("slide_id") if isinstance(info, dict) else None
+    return [(str(sid) if sid is not None else DEFAULT_SLIDE_ID, np.arange(adata.n_obs))]
+
+
+def grid_coords(adata) -> tuple[np.ndarray, np.ndarray]:
+    """Integer grid indices ``(obs["row"], obs["col"])`` of tiles, checked."""
+    missing = [c for c in ("row", "col") if c not in adata.obs]
+    if missing:
+        raise ValueError(
+            f"tiles need integer grid coordinates obs['row'] and obs['col'] (missing: {missing}). "
+            "Make tiles with `hx.pp.tile`, or add the grid indices of each tile to obs."
+        )
+    rows, cols = adata.obs["row"].to_numpy(), adata.obs["col"].to_numpy()
+    for name, v in (("row", rows), ("col", cols)):
+        if v.dtype.kind not in "iu":
+            if v.dtype.kind != "f" or not np.all(np.isfinite(v)) or not np.all(v == np.round(v)):
+                raise ValueError(f"obs[{name!r}] must hold integer grid indices; got dtype {v.dtype}.")
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def dense(x) -> np.ndarray:
+    """A (possibly sparse) matrix as a dense numpy array."""
+    import scipy.sparse as sp
+
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)

@@ -102,9 +102,10 @@ def run(out: str | Path = "demo_output", *, encoder: str = "hed_stats", weights:
     log_counts = np.log1p(counts)
     # stated rule: the n_genes genes with the highest mean log1p count on the training spots
     panel = list(spots.var_names[np.argsort(-log_counts[train_mask].mean(0), kind="stable")[:n_genes]])
-    model = hx.tl.train_spatial(spots, use_rep=rep, genes=panel, train=["MOB1_train"], val=["MOB1_val"],
-                                test=["MOB1_test"], epochs=epochs, patience=30, seed=seed,
-                                model_kwargs={"dropout": 0.1})
+    fit = hx.tl.train_spatial(spots, use_rep=rep, genes=panel, train=["MOB1_train"], val=["MOB1_val"],
+                              test=["MOB1_test"], max_epochs=epochs, patience=30, random_state=seed,
+                              model_kwargs={"dropout": 0.1})
+    model = fit.model
 
     # 5. predict the held-out stripe and compare with the measurements
     test_tiles = tiles[test_mask].copy()
@@ -150,8 +151,8 @@ def run(out: str | Path = "demo_output", *, encoder: str = "hed_stats", weights:
         "gene_panel_rule": f"top {n_genes} genes by mean log1p count on the training spots",
         "encoder": encoder,
         "encoder_weights": tiles.uns["histoexpr"].get("encoder_weights"),
-        "epochs_run": model.history["epochs_run"],
-        "best_epoch": model.history["best_epoch"],
+        "epochs_run": fit.epochs_run,
+        "best_epoch": fit.best_epoch,
         "median_r_histoprism": float(np.nanmedian(r_model)),
         "median_r_ridge": float(np.nanmedian(r_ridge)),
         "mean_r_histoprism": float(np.nanmean(r_model)),

@@ -1,6 +1,6 @@
 """Readers for measured spatial expression: 10x Visium, legacy Spatial Transcriptomics, 10x Xenium.
 
-Every reader returns data in the histoexpr / scanpy conventions (SPEC §1):
+Every reader returns data in the histoexpr / scanpy conventions:
 
 * spots (or cells) are observations, raw counts in ``X`` (sparse CSR),
 * ``obsm["spatial"]``: spot centres in full-resolution image pixels, columns ``(x, y)``,

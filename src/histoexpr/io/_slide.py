@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ._elements import image_levels, pick_image_key
+
 #: File endings read with PIL instead of a WSI library.
 _PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 #: Plausible range of µm/px for brightfield slides (outside it, a resolution tag is not trusted).
@@ -508,17 +510,7 @@ def _to_rgb_uint8(patch: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- SpatialData
-def _element_levels(element) -> list:
-    """The image arrays (c, y, x) of a SpatialData image element, finest first."""
-    import xarray as xr
-
-    if isinstance(element, xr.DataTree):
-        levels = []
-        for name in sorted(element.children, key=lambda k: int(str(k).replace("scale", "") or 0)):
-            node = element[name]
-            levels.append(next(iter(node.ds.data_vars.values())))
-        return levels
-    return [element]
+_element_levels = image_levels  # old private name
 
 
 def _element_level(element, level: int):
@@ -528,13 +520,7 @@ def _element_level(element, level: int):
 def _open_spatialdata(source, *, mpp, slide_id, image_key, coordinate_system) -> Slide:
     element = source
     if hasattr(source, "images"):  # a SpatialData object
-        if image_key is None:
-            keys = list(source.images.keys())
-            if len(keys) != 1:
-                raise SlideError(f"this SpatialData has images {keys}; pass image_key= to choose one")
-            image_key = keys[0]
-        if image_key not in source.images:
-            raise SlideError(f"image {image_key!r} not in this SpatialData; images: {list(source.images)}")
+        image_key = pick_image_key(source, image_key, error=SlideError)
         element = source.images[image_key]
     levels = _element_levels(element)
     if not levels or "c" not in levels[0].dims:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import UNS_KEY
+from ._elements import pick_image_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -214,14 +215,7 @@ def _consolidate(sdata) -> None:
 
 
 def _resolve_image_key(sdata, image_key: str | None) -> str:
-    keys = list(sdata.images.keys())
-    if image_key is None:
-        if len(keys) != 1:
-            raise ValueError(f"this SpatialData has images {keys}; pass image_key= to name the H&E image")
-        return keys[0]
-    if image_key not in sdata.images:
-        raise ValueError(f"image {image_key!r} not in this SpatialData; images: {keys}")
-    return image_key
+    return pick_image_key(sdata, image_key)
 
 
 def _tile_index(adata) -> np.ndarray:

@@ -46,8 +46,10 @@ def cluster_agreement(
 
     Example
     -------
-    >>> hx.tl.leiden(pred_tiles)
-    >>> hx.metrics.cluster_agreement(pred_tiles, key_a="leiden", key_b="pathologist_label")
+    >>> import histoexpr as hx
+    >>> res = hx.metrics.cluster_agreement([0, 0, 1, 1, 2, 2], ["a", "a", "b", "b", "b", "c"])
+    >>> round(float(res["ari"]), 3), int(res["n_clusters_b"])
+    (0.444, 3)
     """
     from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 

@@ -72,14 +72,14 @@ def _match_tiles(pred, truth, slide_key: str) -> tuple[np.ndarray, np.ndarray]:
         if not (kp.is_unique and kt.is_unique):
             raise ValueError(
                 "Several tiles share one (slide, row, col): the grids are not tile grids. Map the measured spots "
-                "onto the predicted tiles first (hx.tl.map_measured_to_tiles)."
+                "onto the predicted tiles first (hx.pp.map_measured_to_tiles)."
             )
         common = kp.intersection(kt, sort=False)
         if len(common) > 0:
             return kp.get_indexer(common), kt.get_indexer(common)
     raise ValueError(
         "The predicted and measured maps share no tile: neither obs_names nor obs['row'/'col'] match. "
-        "Map the measured spots onto the predicted tile grid first (hx.tl.map_measured_to_tiles)."
+        "Map the measured spots onto the predicted tile grid first (hx.pp.map_measured_to_tiles)."
     )
 
 
@@ -727,7 +727,7 @@ def emd(
     pred, truth
         Predicted and measured maps on the same tile grid: two AnnData (tiles × genes, matched by
         ``obs_names`` or by ``obs[slide_key, "row", "col"]``; measured spots mapped onto the tiles with
-        :func:`histoexpr.tl.map_measured_to_tiles`), or two arrays (n_tiles, n_genes) with ``coords``.
+        :func:`histoexpr.pp.map_measured_to_tiles`), or two arrays (n_tiles, n_genes) with ``coords``.
     genes
         Genes to compare (default: all genes in both). Requested genes missing on one side get NaN.
     median_filter

@@ -40,7 +40,9 @@ def read_gmt(path: str | Path) -> GeneSets:
 
     Example
     -------
-    >>> sets = hx.metrics.read_gmt("h.all.v7.0.symbols.gmt")
+    >>> import histoexpr as hx
+    >>> from importlib.resources import files
+    >>> sets = hx.metrics.read_gmt(files("histoexpr.datasets") / "genesets" / "h.all.v7.0.symbols.gmt")
     >>> len(sets["HALLMARK_HYPOXIA"])
     200
     """
@@ -121,6 +123,7 @@ def load_gene_sets(
 
     Example
     -------
+    >>> import histoexpr as hx
     >>> sets = hx.metrics.load_gene_sets("hallmark")
     >>> len(sets)
     50
@@ -191,15 +194,17 @@ def filter_redundant_gene_sets(
 ) -> GeneSets:
     """Keep sets of ``min_size``–``max_size`` genes with no pair overlapping by Jaccard > ``max_jaccard``.
 
-    For every pair with Jaccard index above the threshold the larger set is dropped (SPEC §4). Sets
+    For every pair with Jaccard index above the threshold the larger set is dropped. Sets
     are visited from smallest to largest (ties by name) and a set is kept when it does not overlap
     any already kept set; this removes the larger member of every offending pair and never removes
     a set because of a set that was itself removed.
 
     Example
     -------
-    >>> go = hx.metrics.read_gmt("enrichr.GO_Biological_Process_2021.gmt")
-    >>> curated = hx.metrics.filter_redundant_gene_sets(go)
+    >>> import histoexpr as hx
+    >>> sets = {"A": ["g1", "g2", "g3"], "B": ["g1", "g2", "g3", "g4"], "C": ["g7", "g8"]}
+    >>> sorted(hx.metrics.filter_redundant_gene_sets(sets, min_size=2, max_size=10))
+    ['A', 'C']
     """
     sized = {name: set(genes) for name, genes in gene_sets.items() if min_size <= len(set(genes)) <= max_size}
     names = sorted(sized, key=lambda n: (len(sized[n]), n))

@@ -114,8 +114,8 @@ def pathway_coherence(
 
     Example
     -------
-    >>> res = hx.metrics.pathway_coherence(pred_tiles, measured_tiles, gene_sets="hallmark")
-    >>> res.head()
+    >>> res = hx.metrics.pathway_coherence(pred_tiles, measured_tiles, gene_sets="hallmark")  # doctest: +SKIP
+    >>> res.head()  # doctest: +SKIP
     """
     sets = load_gene_sets(gene_sets, path=gene_sets_path)
     if not sets:

@@ -1,4 +1,4 @@
-"""Survival analysis with expression signatures (SEQUOIA paper, recurrence risk; SPEC §4).
+"""Survival analysis with expression signatures (SEQUOIA paper, recurrence risk).
 
 A Cox model is fitted on (measured or predicted) expression of a gene signature; its risk score
 ``Σ coef · expression`` splits patients at the median into a high- and a low-risk group, which
@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .._utils import align_by_index
 
 __all__ = ["cox_risk_score", "fit_cox_signature", "median_split", "logrank"]
 
@@ -158,7 +160,7 @@ def logrank(time: Sequence[float], event: Sequence[bool], groups: Sequence[Any])
     """
     from lifelines.statistics import logrank_test, multivariate_logrank_test
 
-    time, event, groups = _align_by_index(time, event, groups)
+    time, event, groups = align_by_index(time, event, groups)
     time = np.asarray(time, dtype=float)
     event = np.asarray(event).astype(bool)
     groups = np.asarray(groups)
@@ -175,18 +177,4 @@ def logrank(time: Sequence[float], event: Sequence[bool], groups: Sequence[Any])
     return {"test_statistic": float(res.test_statistic), "p_value": float(res.p_value), "n_groups": int(len(levels))}
 
 
-def _align_by_index(time: Any, event: Any, groups: Any) -> tuple[Any, Any, Any]:
-    """Put pandas inputs in the order of ``time``'s index (e.g. clinical table vs risk groups of predictions)."""
-    if not isinstance(time, pd.Series):
-        return time, event, groups
-    aligned = []
-    for name, values in (("event", event), ("groups", groups)):
-        if isinstance(values, pd.Series) and not values.index.equals(time.index):
-            if len(values) != len(time) or set(values.index) != set(time.index):
-                raise ValueError(
-                    f"`{name}` and `time` are pandas Series indexed by different samples; select the same "
-                    f"samples in both (e.g. {name}.reindex(time.index))"
-                )
-            values = values.reindex(time.index)
-        aligned.append(values)
-    return time, aligned[0], aligned[1]
+_align_by_index = align_by_index  # old private name

@@ -1,44 +1,25 @@
-"""Baseline slide-level aggregators from the SEQUOIA paper (SPEC §3.1): HE2RNA-style MLP and a
+"""Baseline slide-level aggregators from the SEQUOIA paper: HE2RNA-style MLP and a
 standard transformer. Both map (B, K, D) cluster-mean tile features to (B, G), save/load in the
 same Hugging Face layout as :class:`~histoexpr.models.Sequoia`, and carry ``genes``/``units``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .sequoia import FeedForward, PretrainedMixin, _check_genes, _merge_config
+from ._base import ExpressionModule
+from .layers import SelfAttention, Transformer  # noqa: F401 - SelfAttention re-exported
 
 __all__ = ["HE2RNA", "TransformerAggregator"]
 
 
-class _AggregatorBase(PretrainedMixin, nn.Module):
-    config_defaults: dict[str, Any] = {}
-
-    def _init_common(self, genes: Sequence[str] | None, units: str | None) -> None:
-        self.genes = _check_genes(genes, self.config["num_outputs"])
-        self.units = units
-        self.checkpoint: str | None = None
-
-    def _config_to_save(self) -> dict[str, Any]:
-        return {**self.config, "model_type": self.model_type}
-
-    @property
-    def input_dim(self) -> int:
-        return self.config["input_dim"]
-
+class _AggregatorBase(ExpressionModule):
     @property
     def num_clusters(self) -> int:
         return self.config["num_clusters"]
-
-    @property
-    def num_outputs(self) -> int:
-        return self.config["num_outputs"]
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -81,26 +62,15 @@ class HE2RNA(_AggregatorBase):
     model_type = "he2rna"
     config_defaults = HE2RNA_DEFAULTS
 
-    def __init__(
-        self,
-        config: Mapping[str, Any] | None = None,
-        *,
-        genes: Sequence[str] | None = None,
-        units: str | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__()
-        cfg = _merge_config(HE2RNA_DEFAULTS, config, kwargs, "HE2RNA")
+    def _build(self, cfg: dict[str, Any]) -> None:
         cfg["hidden_dims"] = [int(h) for h in cfg["hidden_dims"]]
         cfg["ks"] = sorted({int(k) for k in cfg["ks"]})
-        self.config = cfg
         dims = [cfg["input_dim"], *cfg["hidden_dims"]]
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg["dropout"])]
         layers.append(nn.Linear(dims[-1], cfg["num_outputs"]))
         self.mlp = nn.Sequential(*layers)
-        self._init_common(genes, units)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x)
@@ -113,43 +83,6 @@ class HE2RNA(_AggregatorBase):
             k = ks[int(torch.randint(len(ks), (1,)).item())]
             return cumulative[:, k - 1] / k
         return torch.stack([cumulative[:, k - 1] / k for k in ks]).mean(dim=0)
-
-
-class SelfAttention(nn.Module):
-    """Pre-norm multi-head self-attention: ``LayerNorm -> qkv -> softmax(qk/sqrt(d)) v -> out``."""
-
-    def __init__(self, dim: int, nheads: int, dim_head: int, dropout: float = 0.0):
-        super().__init__()
-        inner = nheads * dim_head
-        self.nheads = nheads
-        self.dropout = dropout
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.to_qkv(self.norm(x)).chunk(3, dim=-1)
-        q, k, v = (z.reshape(b, t, self.nheads, -1).transpose(1, 2) for z in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
-
-
-class _Transformer(nn.Module):
-    def __init__(self, dim: int, depth: int, nheads: int, dim_head: int, mlp_dim: int, dropout: float):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            [
-                nn.ModuleList([SelfAttention(dim, nheads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout)])
-                for _ in range(depth)
-            ]
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
 
 
 TRANSFORMER_DEFAULTS: dict[str, Any] = {
@@ -183,27 +116,19 @@ class TransformerAggregator(_AggregatorBase):
     model_type = "transformer"
     config_defaults = TRANSFORMER_DEFAULTS
 
-    def __init__(
-        self,
-        config: Mapping[str, Any] | None = None,
-        *,
-        genes: Sequence[str] | None = None,
-        units: str | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__()
+    int_keys = ("num_outputs", "input_dim", "depth", "nheads", "dim_head", "mlp_dim", "num_clusters")
+
+    def _configure(self, config, kwargs, *, ints=()) -> dict[str, Any]:
         given = {**(config or {}), **kwargs}
         if "input_dim" in given and "mlp_dim" not in given:  # feed-forward width D, as in Sequoia
             kwargs = {**kwargs, "mlp_dim": given["input_dim"]}
-        cfg = _merge_config(TRANSFORMER_DEFAULTS, config, kwargs, "TransformerAggregator")
-        for key in ("num_outputs", "input_dim", "depth", "nheads", "dim_head", "mlp_dim", "num_clusters"):
-            cfg[key] = int(cfg[key])
-        self.config = cfg
+        return super()._configure(config, kwargs, ints=ints)
+
+    def _build(self, cfg: dict[str, Any]) -> None:
         dim = cfg["input_dim"]
         self.pos_emb1D = nn.Parameter(torch.randn(cfg["num_clusters"], dim))
-        self.transformer = _Transformer(dim, cfg["depth"], cfg["nheads"], cfg["dim_head"], cfg["mlp_dim"], cfg["dropout"])
+        self.transformer = Transformer(dim, cfg["depth"], cfg["nheads"], cfg["dim_head"], cfg["mlp_dim"], cfg["dropout"])
         self.linear_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, cfg["num_outputs"]))
-        self._init_common(genes, units)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x)

@@ -1,4 +1,4 @@
-"""Tile encoders: a small registry of feature extractors and their weights (SPEC §2).
+"""Tile encoders: a small registry of feature extractors and their weights.
 
 An encoder is a plain :class:`torch.nn.Module` mapping a batch of normalised tiles ``(B, 3, S, S)``
 to features ``(B, D)``, plus what it needs to be used correctly: its input size and normalisation,
@@ -31,20 +31,19 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ._base import WEIGHT_FILES, CheckpointError, find_weights_file, match_prefixes
+from ._base import read_state_dict as _read_state_dict
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: File names looked for (in this order) in a weights folder or a Hugging Face repo.
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "model.pt")
-#: Wrapper keys some training frameworks put around the state dict.
-_STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
 _PRECISIONS = ("bf16", "fp16", "fp32")
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(CheckpointError):
     """Pretrained weights are missing, unreachable, or do not fit the encoder."""
 
 
@@ -548,55 +547,24 @@ def _weights_file(weights: str | os.PathLike) -> tuple[str, str | Path]:
 
 
 def _find_weight_file(folder: Path, *, required: bool) -> Path | None:
-    for fname in WEIGHT_FILES:
-        if (folder / fname).is_file():
-            return folder / fname
-    candidates = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if required:
+    found = find_weights_file(folder)
+    if found is None and required:
+        candidates = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
         raise EncoderWeightsError(
             f"no weights file in {folder}: expected one of {WEIGHT_FILES}"
-            + (f" (found several candidates: {[c.name for c in candidates]}; pass the file)" if candidates else "")
+            + (f" (found several candidates: {candidates}; pass the file)" if candidates else "")
         )
-    return None
+    return found
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch pickle, unwrapped and without ``module.``."""
-    import torch
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path), device="cpu")
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise EncoderWeightsError(
-                f"cannot read {path} as a tensor-only state dict ({type(e).__name__}: {e}). Files with "
-                "pickled Python objects are refused for safety; re-save the state dict with "
-                "safetensors.torch.save_file or torch.save(model.state_dict(), ...)."
-            ) from e
-    for _ in range(3):  # nested wrappers, e.g. {"model": {"state_dict": ...}}
-        if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-            key = next((k for k in _STATE_DICT_WRAPPERS if k in sd), None)
-            if key is None:
-                break
-            sd = sd[key]
-    if not isinstance(sd, dict) or not sd:
-        raise EncoderWeightsError(f"{path} does not contain a state dict (a mapping of names to tensors)")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    while all(k.startswith("module.") for k in sd):
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return sd
+    return _read_state_dict(path, error=EncoderWeightsError)
 
 
 def _load_file_into(module, path: str | os.PathLike) -> None:
-    sd = read_state_dict(path)
     expected = module.state_dict()
+    sd = match_prefixes(read_state_dict(path), list(expected))
     head = (getattr(module, "pretrained_cfg", None) or {}).get("classifier")
     heads = [head] if isinstance(head, str) else list(head or [])
     if getattr(module, "num_classes", None) == 0 and heads:

@@ -1,4 +1,4 @@
-"""Early fusion of Xenium transcripts into a ViT, and the baselines it is compared with (SPEC §3.5).
+"""Early fusion of Xenium transcripts into a ViT, and the baselines it is compared with .
 
 Every torch model here has the same interface, so one training loop serves them all:
 
@@ -23,23 +23,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._base import PretrainedMixin
+
 __all__ = ["FusionViT", "LateFusion", "MorphologyOnly", "ExpressionMLP", "MinMAEBaseline", "create_vit"]
 
 
 # ---------------------------------------------------------------------------- backbone
 def _load_weights(vit: nn.Module, weights: str | Path) -> None:
     """Load a local timm-style state dict (.safetensors, .pth, .bin) into ``vit`` (heads ignored)."""
-    path = Path(weights)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ._base import match_prefixes, read_state_dict
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    path = Path(weights)
+    state = match_prefixes(read_state_dict(path), list(vit.state_dict()))
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or
              k in vit.state_dict()}
     missing, unexpected = vit.load_state_dict(state, strict=False)
@@ -99,12 +94,14 @@ def _pooled(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return z
 
 
-class _FusionModel(nn.Module):
-    """Shared interface (see module docstring)."""
+class _FusionModel(PretrainedMixin, nn.Module):
+    """Shared interface (see module docstring), saved and loaded like every histoexpr model."""
 
     uses_image: bool = True
     uses_expression: bool = True
     n_patches: int | None = None
+    model_type = "fusion"
+    default_units = "log1p(counts)"
 
     def __init__(self):
         super().__init__()
@@ -112,6 +109,47 @@ class _FusionModel(nn.Module):
         #: gene panels, set by :func:`histoexpr.tl.train_fusion` (checked when predicting)
         self.core_genes: list[str] | None = None
         self.target_genes: list[str] | None = None
+        self.units = self.default_units
+        self.checkpoint: str | None = None
+
+    # the ExpressionModel contract: outputs are the add-on (target) genes, inputs the core panel
+    @property
+    def genes(self) -> list[str] | None:
+        return self.target_genes
+
+    @genes.setter
+    def genes(self, value) -> None:
+        self.target_genes = None if value is None else [str(g) for g in value]
+
+    @property
+    def input_dim(self) -> int | None:
+        return self.config.get("n_core_genes")
+
+    @property
+    def num_outputs(self) -> int | None:
+        return self.config.get("n_targets")
+
+    def _metadata_to_save(self) -> dict[str, Any]:
+        return {"core_genes": self.core_genes}
+
+    @classmethod
+    def _from_checkpoint(cls, config: dict[str, Any], *, genes, meta: dict[str, Any], folder: Path):
+        classes = {c.__name__: c for c in (FusionViT, LateFusion, MorphologyOnly, ExpressionMLP)}
+        name = config.get("model")
+        klass = classes.get(name)
+        if klass is None or not issubclass(klass, cls):
+            raise ValueError(f"{folder} holds a {name!r} fusion model, not a {cls.__name__}")
+        kwargs = {k: v for k, v in config.items() if k not in ("model", "model_type", "backbone_kwargs")}
+        kwargs.update(config.get("backbone_kwargs") or {})
+        if "pretrained_weights" in kwargs:  # the saved state dict has the weights
+            kwargs["pretrained_weights"] = None
+        model = klass(**kwargs)
+        if "pretrained_weights" in config:  # provenance only
+            model.config["pretrained_weights"] = config["pretrained_weights"]
+        model.genes = genes
+        model.core_genes = meta.get("core_genes")
+        model.units = meta.get("units") or model.units
+        return model
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         vit = getattr(self, "vit", None)
@@ -172,8 +210,12 @@ class FusionViT(_FusionModel):
 
     Example
     -------
-    >>> model = FusionViT("vit_small_patch16_224", n_core_genes=150, n_targets=50, fusion="concat")
-    >>> y = model(images, core_tokens)  # (B, 3, 224, 224), (B, 196, 150) → (B, 50)
+    >>> import torch
+    >>> from histoexpr.models import FusionViT
+    >>> model = FusionViT("vit_tiny_patch16_224", n_core_genes=5, n_targets=3, fusion="concat", img_size=32, depth=1)
+    >>> images, core_tokens = torch.randn(2, 3, 32, 32), torch.ones(2, 4, 5)  # 4 patches of 16 px
+    >>> model(images, core_tokens).shape
+    torch.Size([2, 3])
     """
 
     def __init__(self, backbone: str = "vit_small_patch16_224", *, n_core_genes: int, n_targets: int,
@@ -318,8 +360,12 @@ class MinMAEBaseline:
 
     Example
     -------
-    >>> base = MinMAEBaseline().fit(core_log1p[train], targets[train], core_genes=core)
-    >>> pred = base.predict(core_log1p[test])
+    >>> import numpy as np
+    >>> from histoexpr.models import MinMAEBaseline
+    >>> core = np.array([[0.0, 1.0], [1.0, 2.0], [2.0, 0.0]])
+    >>> base = MinMAEBaseline().fit(core, core[:, [1]] + 0.1, core_genes=["A", "B"])
+    >>> base.source_genes_, base.predict(core).ravel().tolist()
+    (['B'], [1.0, 2.0, 0.0])
     """
 
     uses_image = False

@@ -21,9 +21,14 @@ Input: ``(B, 3, S, S)`` RGB in [0, 1] (the registered transform only scales uint
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .encoders import Encoder
 
 __all__ = ["HEDStats", "hed_stats_encoder"]
 
@@ -110,7 +115,7 @@ class HEDStats(nn.Module):
         return torch.cat([stats, texture, h_frac, blob_density, blocks, white], dim=1)
 
 
-def hed_stats_encoder(input_size: int = 224):
+def hed_stats_encoder(input_size: int = 224) -> Encoder:
     """The ``"hed_stats"`` encoder ready for :func:`histoexpr.pp.extract_features` (no weights needed).
 
     ``get_encoder("hed_stats")`` asks for weights like every registered encoder; this helper builds the

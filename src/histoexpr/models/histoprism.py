@@ -25,13 +25,13 @@ is per tile, so peak memory is bounded by one chunk whatever the slide size. Tra
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .sequoia import PretrainedMixin, _check_genes, _merge_config
+from ._base import ExpressionModule
+from .layers import ConditionCrossAttention
 
 __all__ = ["HistoPrism", "HISTOPRISM_DEFAULTS", "morton_order", "attention_chunks"]
 
@@ -95,35 +95,6 @@ def attention_chunks(n: int, chunk_size: int | None, coords: torch.Tensor | None
     return list(torch.tensor_split(order, math.ceil(n / chunk_size)))
 
 
-class ConditionCrossAttention(nn.Module):
-    """Tiles attend to one condition token; residual + LayerNorm (see module docstring)."""
-
-    def __init__(self, dim: int, num_conditions: int, num_heads: int = 4):
-        super().__init__()
-        self.num_conditions = num_conditions
-        self.embed = nn.Linear(num_conditions, dim)
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-
-    def condition_bias(self, condition: torch.Tensor) -> torch.Tensor:
-        """``(B, D)`` attention output for a one-hot ``(B, C)`` condition (softmax over one key = 1)."""
-        c_emb = self.embed(condition)
-        d = c_emb.shape[-1]
-        w_v = self.attn.in_proj_weight[2 * d :]
-        b_v = self.attn.in_proj_bias[2 * d :] if self.attn.in_proj_bias is not None else None
-        v = nn.functional.linear(c_emb, w_v, b_v)
-        return self.attn.out_proj(v)
-
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.condition_bias(condition).unsqueeze(1))
-
-    def forward_full_attention(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """The literal cross-attention (used in tests to check the closed form)."""
-        ctx = self.embed(condition).unsqueeze(1)
-        out, _ = self.attn(x, ctx, ctx, need_weights=False)
-        return self.norm(x + out)
-
-
 HISTOPRISM_DEFAULTS: dict[str, Any] = {
     "input_dim": 1024,
     "num_outputs": None,
@@ -139,7 +110,7 @@ HISTOPRISM_DEFAULTS: dict[str, Any] = {
 }
 
 
-class HistoPrism(PretrainedMixin, nn.Module):
+class HistoPrism(ExpressionModule):
     """HistoPrism-style direct model: tile features + slide condition → per-tile expression.
 
     Parameters
@@ -171,17 +142,9 @@ class HistoPrism(PretrainedMixin, nn.Module):
 
     model_type = "histoprism"
     config_defaults = HISTOPRISM_DEFAULTS
+    default_units = "log1p(counts)"
 
-    def __init__(
-        self,
-        config: Mapping[str, Any] | None = None,
-        *,
-        genes: Sequence[str] | None = None,
-        units: str | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__()
-        cfg = _merge_config(HISTOPRISM_DEFAULTS, config, kwargs, "HistoPrism")
+    def _build(self, cfg: dict[str, Any]) -> None:
         if cfg["num_outputs"] is None:
             raise ValueError("HistoPrism needs num_outputs (the number of genes it predicts).")
         if cfg["conditions"] is not None:
@@ -197,7 +160,6 @@ class HistoPrism(PretrainedMixin, nn.Module):
                 "With a single condition token the number of heads does not change the result: "
                 "cross_attention_heads=1 works for any input_dim."
             )
-        self.config = cfg
         self.conditioning = (
             ConditionCrossAttention(input_dim, cfg["num_conditions"], cfg["cross_attention_heads"])
             if cfg["num_conditions"]
@@ -216,21 +178,10 @@ class HistoPrism(PretrainedMixin, nn.Module):
             nn.Dropout(cfg["dropout"]),
             nn.Linear(hidden_dim, cfg["num_outputs"]),
         )
-        self.genes = _check_genes(genes, cfg["num_outputs"])
-        self.units = units or "log1p(counts)"
-        self.checkpoint: str | None = None
 
     @property
     def conditions(self) -> list[str] | None:
         return self.config["conditions"]
-
-    @property
-    def input_dim(self) -> int:
-        return self.config["input_dim"]
-
-    @property
-    def num_outputs(self) -> int:
-        return self.config["num_outputs"]
 
     def _one_hot(self, condition: torch.Tensor | None, batch: int, ref: torch.Tensor) -> torch.Tensor:
         n_cond = self.config["num_conditions"]

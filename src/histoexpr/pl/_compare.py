@@ -89,8 +89,8 @@ def spatial_compare(
 
     Example
     -------
-    >>> fig = hx.pl.spatial_compare(pred_tiles, measured_tiles, ["ERBB2", "IGKC"])
-    >>> fig.savefig("maps.png")
+    >>> fig = hx.pl.spatial_compare(pred_tiles, measured_tiles, ["ERBB2", "IGKC"])  # doctest: +SKIP
+    >>> fig.savefig("maps.png")  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
     from matplotlib.collections import PolyCollection

@@ -81,7 +81,7 @@ def gene_correlations(
 
     Example
     -------
-    >>> ax = hx.pl.gene_correlations({"SEQUOIA": res_a, "HE2RNA": res_b})
+    >>> ax = hx.pl.gene_correlations({"SEQUOIA": res_a, "HE2RNA": res_b})  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -137,7 +137,7 @@ def pathway_coherence(result: pd.DataFrame, *, top: int = 20, show_slides: bool 
 
     Example
     -------
-    >>> ax = hx.pl.pathway_coherence(hx.metrics.pathway_coherence(pred, truth), top=15)
+    >>> ax = hx.pl.pathway_coherence(hx.metrics.pathway_coherence(pred, truth), top=15)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
 
@@ -195,7 +195,7 @@ def module_correlation(
 
     Example
     -------
-    >>> fig = hx.pl.module_correlation(hx.metrics.module_coexpression(pred_slides))
+    >>> fig = hx.pl.module_correlation(hx.metrics.module_coexpression(pred_slides))  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
     import seaborn as sns

@@ -56,10 +56,10 @@ def kaplan_meier(
     import matplotlib.pyplot as plt
     from lifelines import KaplanMeierFitter
 
+    from histoexpr._utils import align_by_index
     from histoexpr.metrics import logrank
-    from histoexpr.metrics._survival import _align_by_index
 
-    time, event, groups = _align_by_index(time, event, groups)
+    time, event, groups = align_by_index(time, event, groups)
     time = np.asarray(time, dtype=float)
     event = np.asarray(event).astype(bool)
     groups = pd.Series(groups).reset_index(drop=True)

@@ -1,4 +1,4 @@
-"""K-means summary of a slide's tile features: the (K, D) input of SEQUOIA (SPEC §2).
+"""K-means summary of a slide's tile features: the (K, D) input of SEQUOIA.
 
 SEQUOIA clusters each slide's tile features into K = 100 groups with k-means and feeds the
 per-cluster mean features, in cluster order, to the aggregator. The published code averages
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._constants import UNS_KEY
-from .._utils import check_finite, resolve_feature_key
+from .._docs import doc_params
+from .._utils import check_finite, iter_slides, resolve_feature_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -107,6 +107,7 @@ def kmeans_means(
     return (means, labels) if return_labels else means
 
 
+@doc_params()
 def cluster_features(
     adata: AnnData,
     *,
@@ -125,17 +126,14 @@ def cluster_features(
     ----------
     adata
         Tiles AnnData with features in ``obsm[use_rep]``.
-    use_rep
-        ``obsm`` key of the features; default ``uns["histoexpr"]["feature_key"]`` or the only
-        ``obsm["X_*"]``.
+    {use_rep}
     n_clusters
         K (SEQUOIA: 100). Every slide needs at least K tiles.
     random_state
         Seed of the k-means initialisation.
     key_added
         Where results go: ``obs[key_added]`` and ``uns[key_added]``.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------
@@ -153,24 +151,21 @@ def cluster_features(
 
     Example
     -------
-    >>> import histoexpr as hx
-    >>> hx.pp.cluster_features(tiles, use_rep="X_uni")  # doctest: +SKIP
-    >>> tiles.uns["kmeans"]["means"]["slide-1"].shape  # doctest: +SKIP
-    (100, 1024)
+    >>> import anndata as ad, numpy as np, pandas as pd, histoexpr as hx
+    >>> tiles = ad.AnnData(obs=pd.DataFrame({"slide_id": ["s1"] * 50}, index=[f"t{i}" for i in range(50)]))
+    >>> tiles.obsm["X_uni"] = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    >>> hx.pp.cluster_features(tiles, use_rep="X_uni", n_clusters=10)
+    >>> tiles.uns["kmeans"]["means"]["s1"].shape
+    (10, 8)
     """
     import pandas as pd
 
     adata = adata.copy() if copy else adata
     rep = resolve_feature_key(adata, use_rep)
     x = np.asarray(adata.obsm[rep])
-    if "slide_id" in adata.obs:
-        slide_ids = adata.obs["slide_id"].astype(str).to_numpy()
-    else:
-        slide_ids = np.full(adata.n_obs, str(adata.uns.get(UNS_KEY, {}).get("slide_id", "slide_0")), dtype=object)
     labels = np.empty(adata.n_obs, dtype=np.int64)
     means: dict[str, np.ndarray] = {}
-    for sid in pd.unique(slide_ids):
-        rows = np.flatnonzero(slide_ids == sid)
+    for sid, rows in iter_slides(adata):
         what = f"obsm[{rep!r}] of slide {sid!r}"
         xs = x[rows].astype(np.float32, copy=False)
         if not np.isfinite(xs).all():

@@ -1,4 +1,4 @@
-"""Tile feature extraction: batched, pyramid-reading, resumable (SPEC §2).
+"""Tile feature extraction: batched, pyramid-reading, resumable.
 
 DataLoader workers read each tile from the slide pyramid at the encoder's input size (uint8); the
 main process moves batches to the device, normalises them there, and runs the encoder under

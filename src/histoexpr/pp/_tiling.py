@@ -15,6 +15,7 @@ from .._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
+from .._utils import renamed_kwargs
 from ._tissue import TissueMask, detect_tissue
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +31,7 @@ _THUMBNAIL_SIZE = 2000
 TILE_RULES = ("fraction", "sequoia-bulk", "sequoia-spatial")
 
 
+@renamed_kwargs(seed="random_state")
 def tile(
     slide: Slide | Any,
     *,
@@ -38,7 +40,7 @@ def tile(
     tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD,
     filter_low_contrast: bool = True,
     max_tiles: int | None = None,
-    seed: int | None = None,
+    random_state: int | None = None,
     rule: str = "fraction",
     tissue: TissueMask | None = None,
     slide_id: str | None = None,
@@ -63,7 +65,7 @@ def tile(
         keeps a candidate whose top-left mask pixel is tissue; stage 2 recomputes the colour rule on
         the tile itself (its own Otsu thresholds, 3 dilations) and keeps it when more than 20 % of its
         pixels are tissue and it is not low-contrast. With ``max_tiles``, candidates are visited in the
-        order of ``np.random.RandomState(seed).shuffle`` (upstream: seed 5, the default here) and the
+        order of ``np.random.RandomState(random_state).shuffle`` (upstream: seed 5, the default here) and the
         first ``max_tiles`` passing ones are kept. ``obs["partial"]`` marks tiles running past the edge.
     ``"sequoia-spatial"``
         The published SEQUOIA rule for spatial maps (``spatial_vis/visualize.py``): the same mask; tiles
@@ -93,8 +95,8 @@ def tile(
         Drop tiles flagged by :func:`skimage.exposure.is_low_contrast` (checked on a
         64 px view of each candidate tile, read from the pyramid).
     max_tiles
-        Keep at most this many tiles, drawn at random with ``seed`` (SEQUOIA used 4000).
-    seed
+        Keep at most this many tiles, drawn at random with ``random_state`` (SEQUOIA used 4000).
+    random_state
         Seed of the random cap (default 0; 5 for ``rule="sequoia-bulk"``, as upstream).
     rule
         ``"fraction"``, ``"sequoia-bulk"`` or ``"sequoia-spatial"`` (see above).
@@ -130,11 +132,11 @@ def tile(
         raise ValueError(f"rule must be one of {TILE_RULES}; got {rule!r}.")
     if rule != "fraction":
         adata = _tile_sequoia(slide, rule=rule, tile_size=tile_size, mpp=mpp, max_tiles=max_tiles,
-                              seed=5 if seed is None else seed, tissue=tissue, slide_id=slide_id,
+                              seed=5 if random_state is None else random_state, tissue=tissue, slide_id=slide_id,
                               n_threads=n_threads)
         _add_to_sdata(sdata, adata, image_key)
         return adata
-    seed = 0 if seed is None else seed
+    random_state = 0 if random_state is None else random_state
     side0 = tile_size * mpp / slide.mpp
     w0, h0 = slide.dimensions
     n_cols, n_rows = int(w0 // side0), int(h0 // side0)
@@ -156,14 +158,14 @@ def tile(
             f"(tissue covers {tissue.tissue_fraction:.1%} of the slide). Check the slide (blank or "
             "out-of-focus?) or lower tissue_threshold / pass a tissue mask of your own."
         )
-    keep = _select_tiles(slide, keep, x0, y0, side0, filter_low_contrast, max_tiles, seed, n_threads)
+    keep = _select_tiles(slide, keep, x0, y0, side0, filter_low_contrast, max_tiles, random_state, n_threads)
     if keep.size == 0:
         raise ValueError(f"all tissue tiles of {slide.slide_id!r} are low-contrast; try filter_low_contrast=False")
     adata = _tiles_anndata(
         slide, rows[keep], cols[keep], x0[keep], y0[keep], frac[keep], side0=side0, tile_size=tile_size,
         mpp=mpp, slide_id=slide_id or slide.slide_id, thumbnail=tissue.thumbnail,
     )
-    adata.uns[UNS_KEY].update(tissue_threshold=tissue_threshold, max_tiles=max_tiles, seed=seed,
+    adata.uns[UNS_KEY].update(tissue_threshold=tissue_threshold, max_tiles=max_tiles, random_state=random_state,
                               filter_low_contrast=filter_low_contrast, tile_rule=rule)
     _add_to_sdata(sdata, adata, image_key)
     return adata
@@ -172,7 +174,7 @@ def tile(
 def _add_to_sdata(sdata, adata, image_key) -> None:
     if sdata is not None:
         from ..io import add_tiles_to_spatialdata
-        from ..io._spatialdata import _resolve_image_key
+        from ..io import pick_image_key as _resolve_image_key
 
         # recorded before the table is copied into sdata: predict_spatial finds the shapes to annotate
         # and extract_features the image through these keys (also in the SpatialData table)
@@ -382,7 +384,7 @@ def _tile_sequoia(slide, *, rule, tile_size, mpp, max_tiles, seed, tissue, slide
     )
     if partial is not None:
         adata.obs["partial"] = np.asarray(partial, dtype=bool)
-    adata.uns[UNS_KEY].update(tile_rule=rule, max_tiles=max_tiles, seed=seed)
+    adata.uns[UNS_KEY].update(tile_rule=rule, max_tiles=max_tiles, random_state=seed)
     return adata
 
 

@@ -19,11 +19,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from ..io import Slide
 
 #: Xenium feature names that are controls, not genes.
 CONTROL_PREFIXES = (
@@ -44,22 +49,9 @@ class XeniumCropError(ValueError):
 
 # ---------------------------------------------------------------------------- element lookup
 def _pick_image_key(sdata, image_key: str | None) -> str:
-    keys = list(sdata.images.keys())
-    if image_key is None:  # recorded by histoexpr.io.read_xenium
-        image_key = (getattr(sdata, "attrs", None) or {}).get("histoexpr", {}).get("he_key")
-    if image_key is not None:
-        if image_key not in sdata.images:
-            raise XeniumCropError(f"image {image_key!r} not in this SpatialData; images: {keys}")
-        return image_key
-    from histoexpr.io._slide import _element_levels
+    from histoexpr.io import pick_image_key
 
-    rgb = [k for k in keys if _element_levels(sdata.images[k])[0].sizes.get("c") == 3]
-    he = [k for k in rgb if "he" in k.lower() or "h&e" in k.lower()]
-    if len(he) == 1:
-        return he[0]
-    if len(rgb) == 1:
-        return rgb[0]
-    raise XeniumCropError(f"cannot tell which image is the H&E (images: {keys}); pass image_key=")
+    return pick_image_key(sdata, image_key, error=XeniumCropError)
 
 
 def _pick_points_key(sdata, points_key: str | None) -> str:
@@ -260,8 +252,8 @@ def xenium_crops(
     min_tissue: float = 0.1,
     min_transcripts: int = 1,
     qv_min: float | None = 20,
-):
-    """Cut H&E crops from a Xenium SpatialData and pool core/add-on transcripts (SPEC §3.5).
+) -> AnnData:
+    """Cut H&E crops from a Xenium SpatialData and pool core/add-on transcripts.
 
     Parameters
     ----------
@@ -301,9 +293,9 @@ def xenium_crops(
     Example
     -------
     >>> import spatialdata as sd, histoexpr as hx
-    >>> sdata = sd.read_zarr("xenium.zarr")
-    >>> crops = hx.pp.xenium_crops(sdata, core_genes=core, addon_genes=addon, stride=112)
-    >>> crops.obsm["X_core_tokens"].shape  # (n_crops, 196 * len(core))
+    >>> sdata = sd.read_zarr("xenium.zarr")  # doctest: +SKIP
+    >>> crops = hx.pp.xenium_crops(sdata, core_genes=core, addon_genes=addon, stride=112)  # doctest: +SKIP
+    >>> crops.obsm["X_core_tokens"].shape  # (n_crops, 196 * len(core))  # doctest: +SKIP
     """
     import anndata as ad
 
@@ -457,7 +449,8 @@ def core_counts(crops) -> np.ndarray:
     return np.asarray((tok @ summer).todense(), dtype=np.float32)
 
 
-def _open_crop_slide(crops, sdata=None):
+def open_crop_slide(crops, sdata=None) -> Slide:
+    """The :class:`histoexpr.io.Slide` of the H&E image crops were cut from (``sdata`` or re-read from disk)."""
     from histoexpr.io import open_slide
 
     info = crops.uns["histoexpr"]
@@ -496,10 +489,10 @@ def xenium_crop_images(crops, *, sdata=None, indices: Sequence[int] | np.ndarray
 
     Example
     -------
-    >>> imgs = hx.pp.xenium_crop_images(crops, sdata=sdata, indices=[0, 1])
+    >>> imgs = hx.pp.xenium_crop_images(crops, sdata=sdata, indices=[0, 1])  # doctest: +SKIP
     """
     info = crops.uns["histoexpr"]
-    slide = slide if slide is not None else _open_crop_slide(crops, sdata)
+    slide = slide if slide is not None else open_crop_slide(crops, sdata)
     idx = np.arange(crops.n_obs) if indices is None else np.asarray(indices)
     size = int(info["tile_size"])
     out = np.empty((len(idx), size, size, 3), dtype=np.uint8)
@@ -507,3 +500,6 @@ def xenium_crop_images(crops, *, sdata=None, indices: Sequence[int] | np.ndarray
     for k, i in enumerate(idx):
         out[k] = slide.read_tile(float(x0[i]), float(y0[i]), float(info["tile_size_level0"]), size)
     return out
+
+
+_open_crop_slide = open_crop_slide  # old private name

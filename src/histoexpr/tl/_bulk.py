@@ -1,24 +1,25 @@
 """Slide-level (bulk) expression: prediction with SEQUOIA-type models and cross-validated training.
 
 ``predict_bulk`` turns tile features into one expression profile per slide; ``train_bulk`` runs
-the SEQUOIA training protocol (SPEC §3.2): patient-level K-fold cross-validation, a validation
+the SEQUOIA training protocol: patient-level K-fold cross-validation, a validation
 split of the training patients, MSE loss, the MSE-then-correlation early-stopping rule and an
 untrained "random model" baseline on the same test folds.
 """
 
 from __future__ import annotations
 
-import copy
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .._utils import check_finite, resolve_feature_key
+from .._docs import doc_params
+from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key
+from ._runtime import TrainResult, batched_inference, fit, load_models, model_id, model_info, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,39 +36,12 @@ _MODEL_TYPES = ("sequoia", "he2rna", "transformer")
 # --------------------------------------------------------------------------------------------
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    from .._utils import get_device
-
-    return get_device(device)
-
-
-def _model_attr(model: nn.Module, name: str, default: Any = None) -> Any:
-    value = getattr(model, name, None)
-    if value is None:
-        value = getattr(model, "config", {}).get(name, default) if isinstance(getattr(model, "config", None), dict) else default
-    return value
-
-
-def _load_models(model: Any, device: torch.device) -> list[nn.Module]:
-    from torch import nn
-
-    from histoexpr.models import load_bulk_model
-
-    items = list(model) if isinstance(model, (list, tuple)) else [model]
-    if not items:
-        raise ValueError("`model` is an empty list; pass a model, a checkpoint directory or a list of them")
-    out = []
-    for item in items:
-        if isinstance(item, nn.Module):
-            out.append(item)  # moved to `device` (and eval mode) only for the forward passes
-        elif isinstance(item, (str, os.PathLike)):
-            out.append(load_bulk_model(item).eval())
-        else:
-            raise TypeError(f"`model` must be an nn.Module, a checkpoint path or 'hf-hub:...' id, or a list of those; got {type(item)}")
-    dims = {(_model_attr(m, "input_dim"), _model_attr(m, "num_clusters"), _model_attr(m, "num_outputs")) for m in out}
+def _load_models(model: Any) -> list[nn.Module]:
+    models = load_models(model)
+    dims = {(model_info(m, "input_dim"), model_info(m, "num_clusters"), model_info(m, "num_outputs")) for m in models}
     if len(dims) > 1:
         raise ValueError(f"the fold models differ in (input_dim, num_clusters, num_outputs): {sorted(dims, key=str)}")
-    return out
+    return models
 
 
 def _kmeans_means(features: np.ndarray, n_clusters: int, random_state: int) -> np.ndarray:
@@ -102,14 +76,13 @@ def _tiles_to_inputs(
     feats = np.asarray(adata.obsm[rep])
     if input_dim is not None and feats.shape[1] != input_dim:
         raise ValueError(_dim_error(feats.shape[1], input_dim, f"obsm[{rep!r}]"))
-    if slide_key in adata.obs:
-        slide_col = adata.obs[slide_key].astype(str)
-    else:
-        sid = adata.uns.get("histoexpr", {}).get("slide_id", "slide_0") if isinstance(adata.uns.get("histoexpr"), Mapping) else "slide_0"
-        slide_col = pd.Series(str(sid), index=adata.obs_names)
+    slides = iter_slides(adata, slide_key)
+    slide_col = np.empty(adata.n_obs, dtype=object)
+    for sid, pos in slides:
+        slide_col[pos] = sid
     obs = adata.obs.copy()
-    obs[slide_key] = slide_col.to_numpy()
-    slide_ids = list(pd.unique(slide_col))
+    obs[slide_key] = slide_col
+    slide_ids = [sid for sid, _ in slides]
     cached = {}
     stored = adata.uns.get(cluster_key)
     if isinstance(stored, Mapping) and isinstance(stored.get("means"), Mapping):
@@ -117,8 +90,7 @@ def _tiles_to_inputs(
         if params.get("use_rep", rep) == rep:  # means of other features are not reused
             cached = stored["means"]
     inputs = []
-    for sid in slide_ids:
-        mask = (slide_col == sid).to_numpy()
+    for sid, mask in slides:
         means = cached.get(sid) if isinstance(cached, Mapping) else None
         if means is not None and np.shape(means) == (n_clusters, feats.shape[1]):
             means = np.asarray(means, dtype=np.float32)
@@ -143,26 +115,11 @@ def _dim_error(got: int, expected: int, what: str) -> str:
     )
 
 
-def _gather_inputs(
-    data: Any,
-    *,
-    use_rep: str | None,
-    n_clusters: int,
-    input_dim: int | None,
-    cluster_key: str,
-    random_state: int,
-    slide_key: str,
-) -> tuple[np.ndarray, pd.DataFrame]:
+def _gather_inputs(data: Any, **kwargs: Any) -> tuple[np.ndarray, pd.DataFrame]:
+    """Cluster-mean inputs of tiles AnnData (one or a list; ``kwargs`` of :func:`_tiles_to_inputs`) or an array."""
     from anndata import AnnData
 
-    kwargs = dict(
-        use_rep=use_rep,
-        n_clusters=n_clusters,
-        input_dim=input_dim,
-        cluster_key=cluster_key,
-        random_state=random_state,
-        slide_key=slide_key,
-    )
+    input_dim, n_clusters = kwargs["input_dim"], kwargs["n_clusters"]
     if isinstance(data, AnnData):
         return _tiles_to_inputs(data, **kwargs)
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, AnnData) for d in data):
@@ -194,18 +151,11 @@ def _forward_batched(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size:
     """Eval-mode forward in batches on ``device``; the model's device and train/eval mode are restored."""
     import torch
 
-    param = next(model.parameters(), None)
-    original_device = param.device if param is not None else device
-    was_training = model.training
-    model.to(device).eval()
-    outs = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                batch = torch.as_tensor(x[start : start + batch_size], dtype=torch.float32).to(device)
-                outs.append(model(batch).float().cpu().numpy())
-    finally:
-        model.to(original_device).train(was_training)
+    def step(rows: slice) -> np.ndarray:
+        return model(torch.as_tensor(x[rows], dtype=torch.float32).to(device)).float().cpu().numpy()
+
+    # fp32: bulk predictions stay identical across devices (the CUDA test compares with the CPU at 1e-3)
+    outs = batched_inference(len(x), batch_size, step, models=[model], device=device, precision="fp32")
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
@@ -214,6 +164,7 @@ def _forward_batched(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size:
 # --------------------------------------------------------------------------------------------
 
 
+@doc_params()
 def predict_bulk(
     data: Any,
     model: Any,
@@ -243,8 +194,7 @@ def predict_bulk(
         A :class:`~histoexpr.models.Sequoia` (or any ``nn.Module`` mapping (B, K, D) -> (B, G)),
         a checkpoint directory, ``"hf-hub:gevaertlab/sequoia-brca-0"``, or a list of those
         (e.g. the 5 fold models of a release).
-    use_rep
-        ``obsm`` key of the features; default ``X_<uns["histoexpr"]["encoder"]>`` or the only ``X_*`` key.
+    {use_rep}
     n_clusters
         K; default the model's ``num_clusters`` (100).
     cluster_key, random_state
@@ -253,8 +203,7 @@ def predict_bulk(
         ``obs`` column with the slide id.
     batch_size
         Slides per forward pass.
-    device
-        Default: CUDA when available, else CPU.
+    {device}
     genes
         Output gene names (default: the model's gene list, e.g. the 20,820 official SEQUOIA genes).
     units
@@ -272,18 +221,23 @@ def predict_bulk(
 
     Example
     -------
-    >>> import histoexpr as hx
+    >>> import numpy as np, histoexpr as hx
+    >>> from histoexpr.models import Sequoia
+    >>> model = Sequoia(num_outputs=3, input_dim=8, depth=1, nheads=2, num_clusters=10)
+    >>> bulk = hx.tl.predict_bulk(np.zeros((2, 10, 8), np.float32), model, device="cpu")  # 2 slides
+    >>> bulk.shape, list(bulk.obs_names)
+    ((2, 3), ['slide_0', 'slide_1'])
     >>> bulk = hx.tl.predict_bulk(tiles, "sequoia-brca-0/")  # doctest: +SKIP
     >>> folds = [f"sequoia-brca-{i}/" for i in range(5)]
     >>> bulk = hx.tl.predict_bulk(tiles, folds, use_rep="X_uni")  # doctest: +SKIP
     """
     from anndata import AnnData
 
-    dev = _pick_device(device)
-    models = _load_models(model, dev)
+    dev = resolve_device(device)
+    models = _load_models(model)
     ref = models[0]
-    input_dim = _model_attr(ref, "input_dim")
-    k_model = _model_attr(ref, "num_clusters")
+    input_dim = model_info(ref, "input_dim")
+    k_model = model_info(ref, "num_clusters")
     if n_clusters is None:
         n_clusters = k_model or 100
     elif k_model is not None and n_clusters != k_model:
@@ -302,12 +256,12 @@ def predict_bulk(
     )
     preds = [_forward_batched(m, x, batch_size, dev) for m in models]
     n_out = preds[0].shape[1]
-    gene_names = list(genes) if genes is not None else _model_attr(ref, "genes")
+    gene_names = list(genes) if genes is not None else model_info(ref, "genes")
     if gene_names is None:
         gene_names = [f"gene_{i}" for i in range(n_out)]
     if len(gene_names) != n_out:
         raise ValueError(f"{len(gene_names)} gene names for a model with {n_out} outputs")
-    unit = units or _model_attr(ref, "units") or "unknown"
+    unit = units or model_info(ref, "units") or "unknown"
     var = pd.DataFrame(index=pd.Index([str(g) for g in gene_names]))
 
     def _make(values: np.ndarray, model_ids: list[str]) -> AnnData:
@@ -321,7 +275,7 @@ def predict_bulk(
         }
         return out
 
-    ids = [str(getattr(m, "checkpoint", None) or type(m).__name__) for m in models]
+    ids = [model_id(m) for m in models]
     if average_folds or len(models) == 1:
         return _make(np.mean(preds, axis=0), ids)
     return [_make(p, [i]) for p, i in zip(preds, ids)]
@@ -333,7 +287,7 @@ def predict_bulk(
 
 
 class EarlyStopping:
-    """The SEQUOIA checkpoint/stop rule (SPEC §3.2, paper Methods).
+    """The SEQUOIA checkpoint/stop rule (paper Methods).
 
     Save on every new best validation MSE. Once the MSE has not improved for ``patience`` epochs,
     training goes on only while the validation MSE stays below ``best_mse + delta`` and the
@@ -360,6 +314,10 @@ class EarlyStopping:
         self.epochs_without_mse_improvement = 0
         self.epochs_without_corr_improvement = 0
 
+    def update(self, row: Mapping[str, Any]) -> tuple[bool, bool]:
+        """:meth:`step` on an epoch's ``val_mse`` and ``val_corr`` (the interface of the fit loop)."""
+        return self.step(row["val_mse"], row["val_corr"])
+
     def step(self, val_mse: float, val_corr: float) -> tuple[bool, bool]:
         """Record one epoch; return ``(save, stop)``."""
         corr_improved = bool(np.isfinite(val_corr) and val_corr > self.best_corr)
@@ -382,23 +340,24 @@ class EarlyStopping:
         return False, self.epochs_without_corr_improvement >= self.patience
 
 
-def patient_folds(patients: Sequence[Any], *, n_folds: int = 5, seed: int = 0) -> np.ndarray:
+@renamed_kwargs(seed="random_state")
+def patient_folds(patients: Sequence[Any], *, n_folds: int = 5, random_state: int = 0) -> np.ndarray:
     """Assign every slide a fold so that all slides of a patient share one fold.
 
-    Patients are shuffled with ``seed`` and dealt round-robin into ``n_folds`` folds (patient
-    counts per fold differ by at most one). Deterministic for a given seed.
+    Patients are shuffled with ``random_state`` and dealt round-robin into ``n_folds`` folds (patient
+    counts per fold differ by at most one). Deterministic for a given ``random_state``.
 
     Example
     -------
     >>> from histoexpr.tl._bulk import patient_folds
-    >>> patient_folds(["a", "a", "b", "c", "d"], n_folds=2, seed=0).tolist()
+    >>> patient_folds(["a", "a", "b", "c", "d"], n_folds=2, random_state=0).tolist()
     [1, 1, 0, 0, 1]
     """
     patients = np.asarray(patients).astype(str)
     unique = np.unique(patients)
     if len(unique) < n_folds:
         raise ValueError(f"{len(unique)} patients cannot be split into n_folds={n_folds} folds")
-    order = np.random.default_rng(seed).permutation(len(unique))
+    order = np.random.default_rng(random_state).permutation(len(unique))
     fold_of = {unique[i]: pos % n_folds for pos, i in enumerate(order)}
     return np.array([fold_of[p] for p in patients], dtype=int)
 
@@ -472,46 +431,21 @@ def _as_targets(Y: Any, genes: Sequence[str] | None) -> tuple[np.ndarray, list[s
     return y, names
 
 
-@dataclass
-class BulkCVResult:
-    """What :func:`train_bulk` returns.
+#: Old name of :class:`~histoexpr.tl.TrainResult` (what ``train_bulk`` returned), kept for one release.
+BulkCVResult = TrainResult
 
-    Attributes
-    ----------
-    predictions
-        AnnData slides × genes: ``X`` = pooled test-fold predictions of the trained models,
-        ``layers["random"]`` = predictions of the untrained same-architecture models on the same
-        test folds, ``layers["truth"]`` = the targets; ``obs``: ``patient``, ``fold``.
-    folds
-        One row per fold: slide/patient counts, best epoch, best validation MSE and correlation,
-        the epoch training stopped, the checkpoint directory.
-    history
-        One row per fold and epoch: training loss, validation MSE and mean per-gene correlation,
-        whether the epoch was saved.
-    models
-        The trained models (best checkpoint of each fold, on CPU, eval mode).
-    """
-
-    predictions: AnnData
-    folds: pd.DataFrame
-    history: pd.DataFrame
-    models: list = field(default_factory=list)
-
-    def well_predicted_genes(self, **kwargs: Any) -> pd.DataFrame:
-        """:func:`histoexpr.metrics.well_predicted_genes` on the pooled test predictions."""
-        from histoexpr.metrics import well_predicted_genes
-
-        p = self.predictions
-        return well_predicted_genes(p.X, p.layers["truth"], p.layers["random"], genes=list(p.var_names), **kwargs)
+_HISTORY_COLUMNS = ("epoch", "train_loss", "val_mse", "val_corr", "saved")
 
 
+@doc_params()
+@renamed_kwargs(seed="random_state", out_dir="checkpoint_dir", model_config="model_kwargs")
 def train_bulk(
     X: Any,
     Y: Any,
     patients: Sequence[Any],
     *,
     model: str | Callable[..., nn.Module] = "sequoia",
-    model_config: Mapping[str, Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     genes: Sequence[str] | None = None,
     folds: Sequence[Any] | None = None,
     n_folds: int = 5,
@@ -523,13 +457,13 @@ def train_bulk(
     max_epochs: int = 200,
     patience: int = 20,
     delta: float = 0.5,
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
+    random_state: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     units: str | None = None,
     slide_ids: Sequence[str] | None = None,
     progress: bool = True,
-) -> BulkCVResult:
+) -> TrainResult:
     """Train a bulk aggregator with the SEQUOIA protocol: patient-level K-fold cross-validation.
 
     For each fold: the other folds' patients are split into training and validation
@@ -550,47 +484,44 @@ def train_bulk(
         Patient id of every slide; all slides of a patient go to the same fold.
     model
         ``"sequoia"``, ``"he2rna"``, ``"transformer"`` or a callable
-        ``f(num_outputs=, input_dim=, num_clusters=, **model_config) -> nn.Module``.
-    model_config
+        ``f(num_outputs=, input_dim=, num_clusters=, **model_kwargs) -> nn.Module``.
+    model_kwargs
         Extra architecture options (e.g. ``{"depth": 2, "nheads": 4}``).
     genes
         Gene names (default: ``Y``'s columns / var_names).
     folds
         Explicit fold label per slide (checked: a patient may not span folds). Default: patients
-        shuffled with ``seed`` and dealt into ``n_folds`` folds.
+        shuffled with ``random_state`` and dealt into ``n_folds`` folds.
     n_folds, val_fraction, lr, weight_decay, optimizer, batch_size, max_epochs, patience, delta
         Protocol settings; defaults are the paper's (5 folds, 10 %, 1e-3, Adam, 16, 200, 20, 0.5).
-    seed
+    random_state
         Seeds folds, validation split, initialisation, batch order and the random models.
-    out_dir
-        If given, each fold's best model is saved to ``out_dir/fold_<i>`` in the Hugging Face
+    checkpoint_dir
+        If given, each fold's best model is saved to ``checkpoint_dir/fold_<i>`` in the Hugging Face
         layout (reload with ``Sequoia.from_pretrained`` / ``models.load_bulk_model``), and the
-        pooled predictions to ``out_dir/cv_predictions.h5ad``.
-    device
-        Default CUDA when available, else CPU.
+        pooled predictions to ``checkpoint_dir/cv_predictions.h5ad``.
+    {device}
     units
         Units of ``Y``, recorded with the predictions and checkpoints.
     slide_ids
         Names of the slides (``obs_names`` of the result).
-    progress
-        Show a tqdm progress bar.
+    {progress}
 
     Returns
     -------
-    :class:`BulkCVResult` with pooled test predictions, random-model predictions, per-fold
+    :class:`~histoexpr.tl.TrainResult` with pooled test ``predictions`` (incl. random-model ones), per-fold
     summaries, training history and the trained models.
 
     Example
     -------
     >>> import histoexpr as hx
-    >>> res = hx.tl.train_bulk(X, Y, patients, model="sequoia", out_dir="cv_brca")  # doctest: +SKIP
+    >>> res = hx.tl.train_bulk(X, Y, patients, model="sequoia", checkpoint_dir="cv_brca")  # doctest: +SKIP
     >>> res.well_predicted_genes()["well_predicted"].sum()  # doctest: +SKIP
     """
     import torch
     from anndata import AnnData
-    from tqdm.auto import tqdm
 
-    dev = _pick_device(device)
+    dev = resolve_device(device)
     units = units or "unknown"
     x = np.asarray(X.detach().cpu().numpy() if hasattr(X, "detach") else X, dtype=np.float32)
     if x.ndim != 3:
@@ -600,7 +531,8 @@ def train_bulk(
     patients = np.asarray(patients).astype(str)
     if not (len(x) == len(y) == len(patients)):
         raise ValueError(f"X, Y and patients must have one entry per slide; got {len(x)}, {len(y)}, {len(patients)}")
-    fold_of = _check_folds(folds, patients) if folds is not None else patient_folds(patients, n_folds=n_folds, seed=seed)
+    fold_of = (_check_folds(folds, patients) if folds is not None
+               else patient_folds(patients, n_folds=n_folds, random_state=random_state))
     fold_labels = list(pd.unique(fold_of))
     n, k, d = x.shape
     g = y.shape[1]
@@ -614,31 +546,28 @@ def train_bulk(
     test_pred = np.full((n, g), np.nan, np.float32)
     random_pred = np.full((n, g), np.nan, np.float32)
     fold_rows, history_rows, trained = [], [], []
-    out_path = Path(out_dir) if out_dir is not None else None
+    out_path = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    t_start = time.perf_counter()
 
     for fold_index, label in enumerate(fold_labels):
         test_idx = np.flatnonzero(fold_of == label)
         rest = np.flatnonzero(fold_of != label)
-        rng = np.random.default_rng([seed, fold_index])
+        rng = np.random.default_rng([random_state, fold_index])
         train_idx, val_idx = _validation_split(rest, patients, val_fraction, rng)
 
-        torch.manual_seed(seed * 1000 + fold_index)
-        random_model = _build_model(model, g, d, k, model_config, gene_names, units, dev).to(dev)
+        torch.manual_seed(random_state * 1000 + fold_index)
+        random_model = _build_model(model, g, d, k, model_kwargs, gene_names, units, dev).to(dev)
         random_pred[test_idx] = _forward_batched(random_model, x_t[test_idx], batch_size, dev)
         del random_model
 
-        torch.manual_seed(seed * 1000 + 500 + fold_index)
-        net = _build_model(model, g, d, k, model_config, gene_names, units, dev).to(dev)
+        torch.manual_seed(random_state * 1000 + 500 + fold_index)
+        net = _build_model(model, g, d, k, model_kwargs, gene_names, units, dev).to(dev)
         opt = opt_cls(net.parameters(), lr=lr, weight_decay=weight_decay)
         loss_fn = torch.nn.MSELoss()
-        stopper = EarlyStopping(patience=patience, delta=delta)
-        gen = torch.Generator().manual_seed(seed * 1000 + fold_index)
-        best_state = copy.deepcopy(net.state_dict())
-        best_epoch, best_mse, best_corr, last_epoch = -1, np.nan, np.nan, -1
+        gen = torch.Generator().manual_seed(random_state * 1000 + fold_index)
         y_val = y[val_idx]
-        bar = tqdm(range(max_epochs), desc=f"fold {fold_index + 1}/{len(fold_labels)}", disable=not progress, leave=False)
-        for epoch in bar:
-            net.train()
+
+        def train_epoch(epoch: int, net=net, opt=opt, gen=gen, train_idx=train_idx, loss_fn=loss_fn) -> dict:
             order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
             total = 0.0
             for start in range(0, len(order), batch_size):
@@ -649,23 +578,20 @@ def train_bulk(
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
+            return {"train_loss": total / len(train_idx)}
+
+        def validate(net=net, val_idx=val_idx, y_val=y_val) -> dict:
             val = _forward_batched(net, x_t[val_idx], max(batch_size, 64), dev)
-            val_mse = float(np.mean((val - y_val) ** 2))
-            val_corr = _mean_gene_correlation(val, y_val)
-            save, stop = stopper.step(val_mse, val_corr)
-            if save:
-                best_state = copy.deepcopy(net.state_dict())
-                best_epoch, best_mse, best_corr = epoch, val_mse, val_corr
-            history_rows.append(
-                {"fold": fold_index, "epoch": epoch, "train_loss": total / len(train_idx), "val_mse": val_mse, "val_corr": val_corr, "saved": save}
-            )
-            bar.set_postfix(val_mse=f"{val_mse:.4f}", val_corr=f"{val_corr:.3f}")
-            last_epoch = epoch
-            if stop:
-                break
-        bar.close()
-        net.load_state_dict(best_state)
-        net.eval()
+            return {"val_mse": float(np.mean((val - y_val) ** 2)), "val_corr": _mean_gene_correlation(val, y_val)}
+
+        log = fit(net, train_epoch, max_epochs=max_epochs, validate=validate,
+                  stopper=EarlyStopping(patience=patience, delta=delta), progress=progress,
+                  desc=f"fold {fold_index + 1}/{len(fold_labels)}", leave=False)
+        best_epoch = log.best_epoch
+        best_mse = log.best_row["val_mse"] if log.best_row else np.nan
+        best_corr = log.best_row["val_corr"] if log.best_row else np.nan
+        last_epoch = log.rows[-1]["epoch"] if log.rows else -1
+        history_rows += [{"fold": fold_index, **{c: r[c] for c in _HISTORY_COLUMNS}} for r in log.rows]
         test_pred[test_idx] = _forward_batched(net, x_t[test_idx], batch_size, dev)
         checkpoint = ""
         if out_path is not None and hasattr(net, "save_pretrained"):
@@ -675,7 +601,7 @@ def train_bulk(
                 "best_epoch": best_epoch,
                 "best_val_mse": best_mse,
                 "best_val_corr": best_corr,
-                "seed": seed,
+                "random_state": random_state,
                 "test_patients": sorted(np.unique(patients[test_idx]).tolist()),
             }
             checkpoint = str(net.save_pretrained(out_path / f"fold_{fold_index}", metadata=meta))
@@ -701,7 +627,8 @@ def train_bulk(
     result.layers["random"] = random_pred
     result.layers["truth"] = y.copy()
     model_name = model if isinstance(model, str) else getattr(model, "__name__", "custom")
-    result.uns["histoexpr"] = {"units": units, "model": model_name, "n_folds": len(fold_labels), "seed": seed}
+    result.uns["histoexpr"] = {"units": units, "model": model_name, "n_folds": len(fold_labels),
+                               "random_state": random_state}
     folds_df = pd.DataFrame(fold_rows)
     history = pd.DataFrame(history_rows)
     if out_path is not None:
@@ -709,4 +636,6 @@ def train_bulk(
         result.write_h5ad(out_path / "cv_predictions.h5ad")
         folds_df.to_csv(out_path / "folds.csv", index=False)
         history.to_csv(out_path / "history.csv", index=False)
-    return BulkCVResult(predictions=result, folds=folds_df, history=history, models=trained)
+    return TrainResult(predictions=result, folds=folds_df, history=history, models=trained,
+                       epochs_run=int(folds_df["stopped_epoch"].max()) + 1 if len(folds_df) else 0,
+                       seconds=time.perf_counter() - t_start, device=str(dev))

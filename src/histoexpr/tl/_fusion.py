@@ -1,9 +1,9 @@
-"""Training, prediction and evaluation for Xenium early fusion and its baselines (SPEC §3.5).
+"""Training, prediction and evaluation for Xenium early fusion and its baselines .
 
 Workflow::
 
     crops = hx.pp.xenium_crops(sdata, core_genes=core, addon_genes=addon)
-    crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, seed=0)
+    crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, random_state=0)
     fit = hx.tl.train_fusion(crops, hx.models.FusionViT(n_core_genes=len(core), n_targets=len(addon)),
                              sdata=sdata, split="split")
     scores = hx.tl.evaluate_fusion({"early-add": fit}, crops, split="split", sdata=sdata)
@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._utils import bf16_autocast
-from ..pp._xenium import _open_crop_slide, core_counts, xenium_crop_images
+from .._docs import doc_params
+from .._utils import renamed_kwargs
+from ..pp._xenium import core_counts, open_crop_slide, xenium_crop_images
+from ._runtime import Patience, TrainResult, autocast, batched_inference, fit, load_models, resolve_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 SPLIT_LABELS = ("train", "val", "test", "purged")
 
@@ -83,9 +89,10 @@ def _group_split(idx: np.ndarray, groups: np.ndarray, fraction: float, seed: int
     return idx[a], idx[b]
 
 
+@renamed_kwargs(seed="random_state")
 def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
                  block_size_um: float | None = None, test_fraction: float = 0.25,
-                 val_fraction: float = 0.2, purge: bool | str = True, seed: int = 0) -> pd.Series:
+                 val_fraction: float = 0.2, purge: bool | str = True, random_state: int = 0) -> pd.Series:
     """Group-aware train/val/test split of crops (scikit-learn ``GroupShuffleSplit``).
 
     Parameters
@@ -101,7 +108,7 @@ def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
         Label ``"purged"`` the training crops that overlap a validation or test crop (overlapping crops
         share pixels and transcripts, which would leak); ``"test"``: only those overlapping a test crop
         (validation then slightly favours the training area, the test score stays clean).
-    seed
+    random_state
         Random seed.
 
     Returns
@@ -110,7 +117,7 @@ def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
 
     Example
     -------
-    >>> crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, seed=0)
+    >>> crops.obs["split"] = hx.tl.fusion_split(crops, test_fraction=0.25, random_state=0)  # doctest: +SKIP
     """
     info = _crop_info(crops)
     g = groups if groups is not None else spatial_blocks(crops, block_size_um=block_size_um)
@@ -118,11 +125,11 @@ def fusion_split(crops, *, groups: str | Sequence | np.ndarray | None = None,
     labels = np.full(crops.n_obs, "train", dtype=object)
     rest = np.arange(crops.n_obs)
     if test_fraction > 0:
-        rest, test = _group_split(rest, g, test_fraction, seed)
+        rest, test = _group_split(rest, g, test_fraction, random_state)
         labels[test] = "test"
     if val_fraction > 0:
         frac = min(val_fraction / max(1 - test_fraction, 1e-9), 0.9)
-        _, val = _group_split(rest, g, frac, seed + 1)
+        _, val = _group_split(rest, g, frac, random_state + 1)
         labels[val] = "val"
     if purge:
         from scipy.spatial import cKDTree
@@ -186,7 +193,7 @@ class _CropBatches:
             if n_model is not None and n_model != self.n_patches:
                 raise FusionError(f"the crops have {self.n_patches} patches per crop, the ViT {n_model}: cut "
                                   "crops with the backbone's patch size (patch_size=) and img_size")
-            self.slide = _open_crop_slide(crops, sdata)
+            self.slide = open_crop_slide(crops, sdata)
             if len(indices) * size * size * 3 <= max_preload_bytes:
                 self.images = {int(i): k for k, i in enumerate(indices)}
                 self.pixels = xenium_crop_images(crops, indices=indices, slide=self.slide)
@@ -208,51 +215,25 @@ class _CropBatches:
         return images, tokens, targets
 
 
-def _device(device):
-    from .._utils import get_device
-
-    return get_device(device)
-
-
 def _predict_torch(model, batches: _CropBatches, idx: np.ndarray, device, batch_size: int,
                    embeddings: bool = False):
-    import torch
+    def step(rows: slice):
+        images, tokens, _ = batches(idx[rows], device, with_targets=False)
+        z = model.embed(images, tokens)
+        y = model.head(z)
+        return y.float().cpu().numpy(), (z.float().cpu().numpy() if embeddings else None)
 
-    was_training = model.training
-    model.eval()
-    preds, embs = [], []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(idx), batch_size):
-                b = idx[start:start + batch_size]
-                images, tokens, _ = batches(b, device, with_targets=False)
-                with bf16_autocast(device):
-                    z = model.embed(images, tokens)
-                    y = model.head(z)
-                preds.append(y.float().cpu().numpy())
-                if embeddings:
-                    embs.append(z.float().cpu().numpy())
-    finally:
-        model.train(was_training)
+    outs = batched_inference(len(idx), batch_size, step, models=[model], device=device)
     n_t = model.head.out_features
-    pred = np.concatenate(preds) if preds else np.zeros((0, n_t), np.float32)
+    pred = np.concatenate([y for y, _ in outs]) if outs else np.zeros((0, n_t), np.float32)
     if embeddings:
-        return pred, (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32))
+        return pred, (np.concatenate([z for _, z in outs]) if outs else np.zeros((0, 0), np.float32))
     return pred
 
 
 # ---------------------------------------------------------------------------- training
-@dataclass
-class FusionFit:
-    """Result of :func:`train_fusion`: the trained model (best validation epoch) and its record."""
-
-    model: Any
-    split: pd.Series
-    history: pd.DataFrame = field(default_factory=pd.DataFrame)
-    best_epoch: int | None = None
-    best_val_mse: float | None = None
-    seconds: float = 0.0
-    device: str = "cpu"
+#: Old name of :class:`~histoexpr.tl.TrainResult` (what ``train_fusion`` returned), kept for one release.
+FusionFit = TrainResult
 
 
 def _check_panels(model, info) -> None:
@@ -299,6 +280,8 @@ def _lr_lambda(base_lr: float, min_lr: float, warmup_steps: int, total_steps: in
     return f
 
 
+@doc_params()
+@renamed_kwargs(epochs="max_epochs", early_stopping="patience", seed="random_state")
 def train_fusion(
     crops,
     model,
@@ -307,7 +290,7 @@ def train_fusion(
     split: str | Sequence | None = None,
     groups: str | Sequence | np.ndarray | None = None,
     val_fraction: float = 0.2,
-    epochs: int = 35,
+    max_epochs: int = 35,
     lr_backbone: float = 1e-5,
     lr_head: float = 1e-4,
     min_lr: float = 1e-6,
@@ -315,11 +298,12 @@ def train_fusion(
     warmup: float = 5,
     grad_clip: float | None = 1.0,
     batch_size: int = 64,
-    early_stopping: int | None = 10,
-    seed: int = 0,
+    patience: int | None = 10,
+    random_state: int = 0,
     device: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
-) -> FusionFit:
+) -> TrainResult:
     """Train a fusion model or baseline on Xenium crops (MSE on log1p add-on counts).
 
     AdamW with separate learning rates for the ViT backbone and everything else (expression MLP,
@@ -333,46 +317,47 @@ def train_fusion(
     crops
         Crops from :func:`histoexpr.pp.xenium_crops`.
     model
-        A model from :mod:`histoexpr.models.fusion` (modified in place) or a ``MinMAEBaseline``.
+        A model from :mod:`histoexpr.models.fusion` (modified in place), a checkpoint directory of one
+        (``save_pretrained``), or a ``MinMAEBaseline``.
     sdata
         The SpatialData of the crops, for the image pixels (default: re-read from the zarr path).
     split
         Obs column or array with ``train``/``val``/``test``/``purged`` (see :func:`fusion_split`); only
         ``train`` crops are trained on and ``val`` drives early stopping. Default: a group-aware
-        train/val split (``groups``, ``val_fraction``, ``seed``) without test.
-    epochs, lr_backbone, lr_head, min_lr, weight_decay, warmup, grad_clip, batch_size
+        train/val split (``groups``, ``val_fraction``, ``random_state``) without test.
+    max_epochs, lr_backbone, lr_head, min_lr, weight_decay, warmup, grad_clip, batch_size
         Optimisation settings (``warmup`` in epochs, may be fractional).
-    early_stopping
-        Patience in epochs (``None``: train all epochs, still keep the best).
-    seed
-        Seeds torch and the batch order.
-    device
-        Default CUDA when available.
-    progress
-        Show a tqdm bar over epochs.
+    patience
+        Early-stopping patience in epochs (``None``: train all epochs, still keep the best).
+    {random_state}
+    {device}
+    checkpoint_dir
+        If given, the best model so far is saved there (``save_pretrained`` layout; reload with
+        ``FusionViT.from_pretrained`` or :func:`histoexpr.models.load_model`).
+    {progress}
 
     Returns
     -------
-    :class:`FusionFit` with ``model`` (also set: ``model.core_genes``/``model.target_genes``),
+    :class:`~histoexpr.tl.TrainResult` with ``model`` (also set: ``model.core_genes``/``model.target_genes``),
     ``history`` (per-epoch train loss, validation MSE, learning rate, seconds), ``split``,
-    ``best_epoch``, ``best_val_mse``.
+    ``best_epoch``, ``best_score`` (validation MSE; old name ``best_val_mse``).
 
     Example
     -------
-    >>> model = hx.models.FusionViT(n_core_genes=150, n_targets=50, fusion="add")
-    >>> fit = hx.tl.train_fusion(crops, model, sdata=sdata, split="split", epochs=20)
-    >>> fit.history[["train_loss", "val_mse"]].plot()
+    >>> model = hx.models.FusionViT(n_core_genes=150, n_targets=50, fusion="add")  # doctest: +SKIP
+    >>> fit = hx.tl.train_fusion(crops, model, sdata=sdata, split="split", max_epochs=20)  # doctest: +SKIP
+    >>> fit.history[["train_loss", "val_mse"]].plot()  # doctest: +SKIP
     """
     import torch
-    from tqdm.auto import tqdm
 
     from ..models.fusion import MinMAEBaseline
 
+    model = _unwrap(model)  # a checkpoint directory (fine-tuning) or an earlier TrainResult
     info = _crop_info(crops)
     _check_panels(model, info)
     if split is None:
         labels = fusion_split(crops, groups=groups, test_fraction=0.0, val_fraction=val_fraction,
-                              seed=seed).astype(str).to_numpy()
+                              random_state=random_state).astype(str).to_numpy()
     else:
         labels = _split_labels(crops, split)
     split_series = pd.Series(pd.Categorical(labels, categories=list(SPLIT_LABELS)), index=crops.obs_names,
@@ -390,14 +375,14 @@ def train_fusion(
                   target_genes=info["addon_genes"])
         val_mse = float(np.mean((model.predict(core[val_idx]) - targets[val_idx]) ** 2)) \
             if len(val_idx) else None
-        return FusionFit(model=model, split=split_series, best_val_mse=val_mse,
-                         seconds=time.perf_counter() - t0, device="cpu")
-    if len(val_idx) == 0 and early_stopping is not None:
-        raise FusionError("early stopping needs 'val' crops; set val_fraction > 0 or early_stopping=None")
+        return TrainResult(model=model, models=[model], split=split_series, best_score=val_mse,
+                           seconds=time.perf_counter() - t0, device="cpu")
+    if len(val_idx) == 0 and patience is not None:
+        raise FusionError("early stopping needs 'val' crops; set val_fraction > 0 or patience=None")
 
-    dev = _device(device)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    dev = resolve_device(device)
+    torch.manual_seed(random_state)
+    rng = np.random.default_rng(random_state)
     model.to(dev)
     model.core_genes, model.target_genes = list(info["core_genes"]), list(info["addon_genes"])
     batches = _CropBatches(crops, model, sdata=sdata, indices=np.concatenate([train_idx, val_idx]))
@@ -405,23 +390,18 @@ def train_fusion(
     groups_ = _param_groups(model, lr_backbone, lr_head, weight_decay)
     optimizer = torch.optim.AdamW(groups_)
     steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    total = steps_per_epoch * epochs
+    total = steps_per_epoch * max_epochs
     warm = int(round(warmup * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [_lr_lambda(g["lr"], min_lr, warm, total) for g in groups_])
 
-    history, best, best_state, stale = [], (math.inf, None), None, 0
-    t_start = time.perf_counter()
-    bar = tqdm(range(epochs), desc="train_fusion", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
+    def train_epoch(epoch: int) -> dict:
         order = rng.permutation(train_idx)
         losses = []
         for start in range(0, len(order), batch_size):
             b = order[start:start + batch_size]
             images, tokens, targets = batches(b, dev)
-            with bf16_autocast(dev):
+            with autocast(dev):
                 pred = model(images, tokens)
             loss = torch.nn.functional.mse_loss(pred.float(), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -431,44 +411,72 @@ def train_fusion(
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()) * len(b))
-        row = {"epoch": epoch, "train_loss": sum(losses) / len(order),
-               "lr_head": optimizer.param_groups[-1]["lr"]}
-        if len(val_idx):
-            pv = _predict_torch(model, batches, val_idx, dev, batch_size)
-            row["val_mse"] = float(np.mean((pv - batches.targets[val_idx]) ** 2))
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        score = row.get("val_mse", row["train_loss"])
-        if score < best[0]:
-            best, stale = (score, epoch), 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            stale += 1
-        bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row.get('val_mse', float('nan')):.4f}")
-        if early_stopping is not None and stale >= early_stopping:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return FusionFit(model=model, split=split_series, history=pd.DataFrame(history), best_epoch=best[1],
-                     best_val_mse=best[0] if len(val_idx) else None,
-                     seconds=time.perf_counter() - t_start, device=str(dev))
+        return {"train_loss": sum(losses) / len(order), "lr_head": optimizer.param_groups[-1]["lr"]}
+
+    def validate() -> dict:
+        pv = _predict_torch(model, batches, val_idx, dev, batch_size)
+        return {"val_mse": float(np.mean((pv - batches.targets[val_idx]) ** 2))}
+
+    def save(epoch: int, row: dict) -> None:
+        model.save_pretrained(checkpoint_dir, metadata={"epoch": epoch, "val_mse": row.get("val_mse"),
+                                                        "random_state": random_state})
+
+    t_start = time.perf_counter()
+    log = fit(model, train_epoch, max_epochs=max_epochs, validate=validate if len(val_idx) else None,
+              stopper=Patience(patience, "val_mse" if len(val_idx) else "train_loss"),
+              on_save=save if checkpoint_dir is not None else None, timed=True, progress=progress,
+              desc="train_fusion")
+    best = log.best_row or {}
+    return TrainResult(model=model, models=[model], split=split_series,
+                       history=pd.DataFrame(log.rows).drop(columns="saved"), best_epoch=log.best_epoch,
+                       best_score=best.get("val_mse") if len(val_idx) else None, epochs_run=len(log.rows),
+                       seconds=time.perf_counter() - t_start, device=str(dev))
 
 
 # ---------------------------------------------------------------------------- prediction
 def _unwrap(model):
-    return model.model if isinstance(model, FusionFit) else model
+    if isinstance(model, FusionFit):
+        return model.model
+    if isinstance(model, (str, os.PathLike)):
+        return load_models(model)[0]
+    return model
 
 
-def predict_fusion(model, crops, *, sdata=None, indices: np.ndarray | None = None, batch_size: int = 64,
-                   device: str | None = None, embeddings: bool = False):
+def predict_fusion(crops, model, *, sdata=None, indices: np.ndarray | None = None, batch_size: int = 64,
+                   device: str | None = None,
+                   embeddings: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Predictions (log1p add-on counts) of a fusion model or baseline for crops.
 
-    Returns ``pred`` ``(n, n_addon)``, or ``(pred, embedding)`` with ``embeddings=True`` (``None`` for
+    Parameters
+    ----------
+    crops
+        Crop AnnData from :func:`histoexpr.pp.xenium_crops`.
+    model
+        A trained model, a :class:`~histoexpr.tl.TrainResult` of :func:`train_fusion`, or a checkpoint
+        directory written by ``save_pretrained``. The old order ``predict_fusion(model, crops)`` still
+        works, with a ``DeprecationWarning``.
+    sdata
+        The SpatialData the crops were cut from (for the pixels).
+    indices
+        Positions of the crops to predict (default: all).
+    batch_size, device
+        Inference settings.
+    embeddings
+        Also return the fused embedding.
+
+    Returns
+    -------
+    ``pred`` ``(n, n_addon)``, or ``(pred, embedding)`` with ``embeddings=True`` (``None`` for
     Min-MAE, which has no embedding).
     """
+    import anndata as ad
+
     from ..models.fusion import MinMAEBaseline
 
+    if isinstance(model, ad.AnnData) and not isinstance(crops, ad.AnnData):
+        warnings.warn("predict_fusion(model, crops) is deprecated; pass the data first: "
+                      "predict_fusion(crops, model)", DeprecationWarning, stacklevel=2)
+        crops, model = model, crops
     model = _unwrap(model)
     info = _crop_info(crops)
     _check_panels(model, info)
@@ -476,15 +484,9 @@ def predict_fusion(model, crops, *, sdata=None, indices: np.ndarray | None = Non
     if isinstance(model, MinMAEBaseline):
         pred = model.predict(np.log1p(core_counts(crops)[idx]))
         return (pred, None) if embeddings else pred
-    dev = _device(device)
-    param = next(model.parameters(), None)
-    original_device = param.device if param is not None else dev
-    model.to(dev)
-    try:
-        batches = _CropBatches(crops, model, sdata=sdata, indices=idx)
-        return _predict_torch(model, batches, idx, dev, batch_size, embeddings=embeddings)
-    finally:
-        model.to(original_device)  # the caller's model stays where it was
+    dev = resolve_device(device)
+    batches = _CropBatches(crops, model, sdata=sdata, indices=idx)
+    return _predict_torch(model, batches, idx, dev, batch_size, embeddings=embeddings)
 
 
 def fuse_xenium(
@@ -498,7 +500,7 @@ def fuse_xenium(
     key_added: str | None = "fusion",
     overwrite: bool = False,
     **crop_kwargs: Any,
-):
+) -> AnnData:
     """Predict add-on genes for every crop with a trained fusion model; embeddings for clustering.
 
     Parameters
@@ -530,8 +532,8 @@ def fuse_xenium(
 
     Example
     -------
-    >>> pred = hx.tl.fuse_xenium(sdata, fit, stride=112)
-    >>> sc.pp.neighbors(pred, use_rep="X_fusion"); sc.tl.leiden(pred)
+    >>> pred = hx.tl.fuse_xenium(sdata, fit, stride=112)  # doctest: +SKIP
+    >>> sc.pp.neighbors(pred, use_rep="X_fusion"); sc.tl.leiden(pred)  # doctest: +SKIP
     """
     import anndata as ad
 
@@ -553,7 +555,7 @@ def fuse_xenium(
                 crop_kwargs.setdefault("patch_size", int(vit.patch_embed.patch_size[0]))
             crops = xenium_crops(sdata, core_genes=core, addon_genes=addon, **crop_kwargs)
     info = _crop_info(crops)
-    pred, emb = predict_fusion(model_, crops, sdata=sdata, batch_size=batch_size, device=device,
+    pred, emb = predict_fusion(crops, model_, sdata=sdata, batch_size=batch_size, device=device,
                                embeddings=True)
     out = ad.AnnData(X=pred.astype(np.float32), obs=crops.obs.copy(), var=crops.var.copy())
     measured = crops.X.toarray() if sparse.issparse(crops.X) else np.asarray(crops.X)
@@ -612,7 +614,7 @@ def evaluate_fusion(models: Mapping[str, Any], crops, split: str | Sequence, *, 
 
     Example
     -------
-    >>> df = hx.tl.evaluate_fusion({"early": fit, "min-mae": base}, crops, "split")
+    >>> df = hx.tl.evaluate_fusion({"early": fit, "min-mae": base}, crops, "split")  # doctest: +SKIP
     """
     info = _crop_info(crops)
     labels = _split_labels(crops, split)
@@ -630,7 +632,7 @@ def evaluate_fusion(models: Mapping[str, Any], crops, split: str | Sequence, *, 
                                   f"{(crops.n_obs, len(info['addon_genes']))}, got {pred.shape}")
             pred = pred[idx]
         else:
-            pred = predict_fusion(m, crops, sdata=sdata, indices=idx, batch_size=batch_size,
+            pred = predict_fusion(crops, m, sdata=sdata, indices=idx, batch_size=batch_size,
                                   device=device).astype(np.float64)
         df = _per_gene_scores(pred, truth, list(info["addon_genes"]))
         df.insert(0, "model", name)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from .._docs import doc_params
 
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+
+@doc_params()
 def leiden(
     adata,
     *,
@@ -16,7 +24,7 @@ def leiden(
     key_added: str = "leiden",
     random_state: int = 0,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Leiden clusters of tiles (or spots) from predicted expression or an embedding.
 
     Builds a k-nearest-neighbour graph with :func:`scanpy.pp.neighbors` and runs
@@ -45,8 +53,7 @@ def leiden(
         ``obs`` column for the labels (categorical strings "0", "1", ...).
     random_state
         Seed of the PCA and of Leiden.
-    copy
-        Return a copy with the labels instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------
@@ -54,8 +61,12 @@ def leiden(
 
     Example
     -------
-    >>> hx.tl.leiden(pred_tiles, resolution=0.5)
-    >>> pred_tiles.obs["leiden"].value_counts()
+    >>> import anndata as ad, numpy as np, histoexpr as hx
+    >>> tiles = ad.AnnData(np.zeros((60, 0), np.float32))
+    >>> tiles.obsm["X_enc"] = np.repeat(np.eye(3), 20, axis=0) + 0.01 * np.random.default_rng(0).normal(size=(60, 3))
+    >>> hx.tl.leiden(tiles, use_rep="X_enc", resolution=0.5)
+    >>> tiles.obs["leiden"].nunique()
+    3
     """
     import anndata as ad
     import scanpy as sc

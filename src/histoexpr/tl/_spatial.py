@@ -3,7 +3,7 @@
 * :func:`predict_spatial` – a bulk model run in sliding windows over the tile grid (SEQUOIA's rule by
   default), or a direct per-tile model such as :class:`~histoexpr.models.HistoPrism`.
 * :func:`train_spatial` – train the direct model on spot-level data (log1p counts, masked MSE).
-* :func:`map_measured_to_tiles` – put measured spots on the tile grid (SEQUOIA's EMD protocol, SPEC §4).
+* :func:`map_measured_to_tiles` – put measured spots on the tile grid (SEQUOIA's EMD protocol).
 
 Tiles centred on measured spots (to predict exactly where expression was measured) come from
 :func:`histoexpr.pp.tiles_from_centers`.
@@ -12,7 +12,7 @@ Tiles centred on measured spots (to predict exactly where expression was measure
 from __future__ import annotations
 
 import copy as _copy
-import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,21 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
-from .._utils import bf16_autocast, check_finite, get_device, resolve_feature_key, warn
+from .._docs import doc_params
+from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key, warn
+from .._utils import dense as _dense
+from .._utils import grid_coords as _grid_coords
+from ._runtime import (
+    Patience,
+    TrainResult,
+    accepts_coords,
+    fit,
+    inference,
+    load_models,
+    model_id,
+    model_info,
+    resolve_device,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,48 +62,18 @@ def _features(adata: AnnData, rep: str) -> np.ndarray:
     return x
 
 
-def _grid_coords(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
-    missing = [c for c in ("row", "col") if c not in adata.obs]
-    if missing:
-        raise ValueError(
-            f"tiles need integer grid coordinates obs['row'] and obs['col'] (missing: {missing}). "
-            "Make tiles with `hx.pp.tile`, or add the grid indices of each tile to obs."
-        )
-    rows, cols = adata.obs["row"].to_numpy(), adata.obs["col"].to_numpy()
-    for name, v in (("row", rows), ("col", cols)):
-        if v.dtype.kind not in "iu":
-            if v.dtype.kind != "f" or not np.all(np.isfinite(v)) or not np.all(v == np.round(v)):
-                raise ValueError(f"obs[{name!r}] must hold integer grid indices; got dtype {v.dtype}.")
-    return rows.astype(np.int64), cols.astype(np.int64)
-
-
-def _split_slides(adata: AnnData) -> list[tuple[str, np.ndarray]]:
-    """``(slide_id, positions)`` of each slide in a (possibly concatenated) tiles AnnData."""
-    if "slide_id" in adata.obs and adata.obs["slide_id"].nunique() > 1:
-        sid = adata.obs["slide_id"].astype(str).to_numpy()
-        return [(s, np.flatnonzero(sid == s)) for s in pd.unique(sid)]
-    slide = adata.obs["slide_id"].iloc[0] if "slide_id" in adata.obs and adata.n_obs else None
-    if slide is None:
-        slide = adata.uns.get(UNS_KEY, {}).get("slide_id", "slide")
-    return [(str(slide), np.arange(adata.n_obs))]
-
-
-def _model_config(model) -> dict:
-    cfg = getattr(model, "config", None)
-    return cfg if isinstance(cfg, dict) else {}
+def _split_slides(adata: AnnData, slide_key: str = "slide_id") -> list[tuple[str, np.ndarray]]:
+    """``(slide_id, positions)`` of each slide (:func:`histoexpr._utils.iter_slides`)."""
+    return iter_slides(adata, slide_key)
 
 
 def _model_genes(model) -> list[str] | None:
-    for attr in ("genes", "gene_names"):
-        g = getattr(model, attr, None)
-        if g is not None:
-            return [str(x) for x in g]
-    g = _model_config(model).get("genes")
+    g = model_info(model, "genes")
     return [str(x) for x in g] if g is not None else None
 
 
 def _model_num_outputs(model) -> int | None:
-    n = _model_config(model).get("num_outputs")
+    n = model_info(model, "num_outputs")
     return int(n) if n is not None else None
 
 
@@ -130,18 +114,12 @@ def _select_genes(models: list, genes: Sequence[str] | None) -> tuple[list[str],
 
 
 def _model_units(model, method: str) -> str:
-    units = getattr(model, "units", None) or _model_config(model).get("units")
+    units = model_info(model, "units")
     if units:
         return str(units)
     if method == "direct":
         return "log1p(counts)"
     return "log2(FPKM-UQ+1)"
-
-
-def _model_id(model) -> str:
-    """The checkpoint a model was loaded from (as ``predict_bulk`` records), else its architecture."""
-    cfg = _model_config(model)
-    return str(getattr(model, "checkpoint", None) or cfg.get("name") or cfg.get("architecture") or type(model).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,29 +260,6 @@ def window_index(
     return index, corners
 
 
-def _in_eval_mode(models: list, device: torch.device):
-    """Context: ``models`` in eval mode on ``device``; each model's mode and device are restored after."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        saved = []
-        for m in models:
-            param = next(m.parameters(), None)
-            saved.append((m, m.training, param.device if param is not None else None))
-        try:
-            for m in models:
-                m.eval().to(device)
-            yield
-        finally:
-            for m, training, dev in saved:
-                if dev is not None:
-                    m.to(dev)
-                m.train(training)
-
-    return ctx()
-
-
 def _sliding_window_batched(
     features: np.ndarray,
     index: np.ndarray,
@@ -330,15 +285,13 @@ def _sliding_window_batched(
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="windows", unit="batch")
-    with _in_eval_mode(models, device), torch.inference_mode():
+    with inference(models, device):
         for start in iterator:
             idx = idx_all[start : start + batch_size]
             idx_t = idx.t().contiguous()
             x = feats[idx]  # (B, K, D); padding slots read the zero row
             for model in models:
-                with bf16_autocast(device):
-                    pred = model(x)
-                pred = pred.float()
+                pred = model(x).float()
                 if columns is not None:
                     pred = pred[:, torch.as_tensor(columns, device=device)]
                 if total is None:
@@ -433,7 +386,7 @@ def _slide_grid_shape(adata: AnnData) -> tuple[int, int] | None:
 # predict_spatial
 # --------------------------------------------------------------------------------------------
 def _condition_index(model, condition, slide_id: str) -> int | None:
-    n_cond = _model_config(model).get("num_conditions", 0)
+    n_cond = model_info(model, "num_conditions") or 0
     if not n_cond:
         return None
     if isinstance(condition, Mapping):
@@ -443,21 +396,12 @@ def _condition_index(model, condition, slide_id: str) -> int | None:
             f"the model is conditioned on {n_cond} conditions; pass `condition=` (a label or index, or a "
             "dict slide_id → label)."
         )
-    labels = getattr(model, "conditions", None) or _model_config(model).get("conditions")
+    labels = model_info(model, "conditions")
     if isinstance(condition, (int, np.integer)):
         return int(condition)
     if labels is None or str(condition) not in [str(c) for c in labels]:
         raise ValueError(f"unknown condition {condition!r}; the model knows {labels}.")
     return [str(c) for c in labels].index(str(condition))
-
-
-def _accepts(model, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _predict_direct(features, coords, models, *, columns, device, condition_idx) -> np.ndarray:
@@ -466,19 +410,19 @@ def _predict_direct(features, coords, models, *, columns, device, condition_idx)
     x = torch.from_numpy(features).to(device)
     xy = torch.from_numpy(np.asarray(coords, dtype=np.float32)).to(device)
     total = None
-    with _in_eval_mode(models, device), torch.inference_mode():
+    with inference(models, device):
         for model in models:
             cond = torch.tensor([condition_idx], device=device) if condition_idx is not None else None
-            kwargs = {"coords": xy.unsqueeze(0)} if _accepts(model, "coords") else {}
-            with bf16_autocast(device):
-                pred = model(x.unsqueeze(0), cond, **kwargs)[0]
-            pred = pred.float()
+            kwargs = {"coords": xy.unsqueeze(0)} if accepts_coords(model) else {}
+            pred = model(x.unsqueeze(0), cond, **kwargs)[0].float()
             if columns is not None:
                 pred = pred[:, torch.as_tensor(columns, device=device)]
             total = pred.double() if total is None else total + pred.double()
     return (total / len(models)).float().cpu().numpy()
 
 
+@doc_params()
+@renamed_kwargs(table_key="key_added")
 def predict_spatial(
     adata_tiles: AnnData,
     model,
@@ -494,8 +438,9 @@ def predict_spatial(
     genes: Sequence[str] | None = None,
     condition: Any = None,
     sdata=None,
-    table_key: str | None = None,
+    key_added: str | None = None,
     region: str | None = None,
+    overwrite: bool = False,
     progress: bool = False,
 ) -> AnnData:
     """Predict expression for every tile: a new AnnData tiles × genes.
@@ -520,14 +465,14 @@ def predict_spatial(
     Parameters
     ----------
     adata_tiles
-        Tiles AnnData (SPEC §1) with features in ``obsm[use_rep]`` and grid ``obs["row"]``/``obs["col"]``.
+        Tiles AnnData with features in ``obsm[use_rep]`` and grid ``obs["row"]``/``obs["col"]``.
         Several slides (``obs["slide_id"]``) are processed one by one.
     model
-        A model or a list of fold models (their predictions are averaged).
+        A model, a checkpoint directory written by ``save_pretrained`` (or ``"hf-hub:owner/repo"``),
+        or a list of those, e.g. fold models (their predictions are averaged).
     method
         ``"sliding_window"`` or ``"direct"``.
-    use_rep
-        Feature key in ``obsm``; default ``X_<uns['histoexpr']['encoder']>`` or the only ``X_*`` key.
+    {use_rep}
     window, stride, min_tissue_tiles
         Sliding-window geometry (SEQUOIA: 10, 1 and more than ``window² / 2`` = 50 tiles, the default
         when ``min_tissue_tiles`` is ``None``).
@@ -536,17 +481,17 @@ def predict_spatial(
         reproduces the published code) or ``"grid"`` (see :func:`window_index`).
     batch_size
         Windows per forward pass.
-    device
-        Torch device; default CUDA when available, else CPU.
+    {device}
     genes
         Genes to return. When the model knows its gene names this selects a subset (unknown genes are
         skipped with a warning; none known is an error); otherwise it names the model's outputs.
     condition
         Condition of the slide(s) for conditioned direct models (label, index or dict slide → label).
-    sdata, table_key, region
-        When ``sdata`` is given, the predictions are also written into it as table ``table_key``
-        (default ``"predictions"``) annotating the tile shapes ``region``
-        (default ``uns['histoexpr']['shapes_key']``, else ``"<slide_id>_tiles"``).
+    sdata, key_added, region, overwrite
+        When ``sdata`` is given, the predictions are also written into it as table ``key_added``
+        (default ``"predictions"``; old name of the argument: ``table_key``) annotating the tile shapes
+        ``region`` (default ``uns['histoexpr']['shapes_key']``, else the only ``"*_tiles"`` shapes);
+        an existing table of that name is replaced only with ``overwrite=True``.
     progress
         Show a progress bar over window batches.
 
@@ -558,6 +503,20 @@ def predict_spatial(
 
     Examples
     --------
+    A tiny random model on a 12 × 12 grid of random features (runs anywhere):
+
+    >>> import anndata as ad, numpy as np, pandas as pd, histoexpr as hx
+    >>> from histoexpr.models import Sequoia
+    >>> rows, cols = np.divmod(np.arange(144), 12)
+    >>> tiles = ad.AnnData(obs=pd.DataFrame({"row": rows, "col": cols}, index=[f"t{i}" for i in range(144)]))
+    >>> tiles.obsm["X_enc"] = np.random.default_rng(0).normal(size=(144, 8)).astype(np.float32)
+    >>> model = Sequoia(num_outputs=3, input_dim=8, depth=1, nheads=2, num_clusters=100, genes=["A", "B", "C"])
+    >>> pred = hx.tl.predict_spatial(tiles, model, device="cpu")
+    >>> pred.shape, pred.uns["histoexpr"]["units"]
+    ((144, 3), 'log2(FPKM-UQ+1)')
+
+    With the released SEQUOIA fold models (checkpoint directories) on UNI features:
+
     >>> pred = hx.tl.predict_spatial(tiles, sequoia_folds, use_rep="X_uni")  # doctest: +SKIP
     >>> sq.pl.spatial_scatter(pred, color="ERBB2", shape="square")  # doctest: +SKIP
     """
@@ -565,21 +524,19 @@ def predict_spatial(
 
     if method not in ("sliding_window", "direct"):
         raise ValueError(f"method must be 'sliding_window' or 'direct'; got {method!r}.")
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
-    if not models:
-        raise ValueError("`model` is an empty list.")
+    models = load_models(model)
     if adata_tiles.n_obs == 0:
         raise ValueError("the tiles AnnData is empty: no tissue tiles to predict.")
     rep = resolve_feature_key(adata_tiles, use_rep)
     features = _features(adata_tiles, rep)
-    in_dim = _model_config(models[0]).get("input_dim")
+    in_dim = model_info(models[0], "input_dim")
     if in_dim is not None and features.shape[1] != int(in_dim):
         raise ValueError(
             f"obsm[{rep!r}] has {features.shape[1]} features but the model expects input_dim={in_dim}: "
             "extract features with the encoder the model was trained on."
         )
     gene_names, columns = _select_genes(models, genes)
-    dev = get_device(device)
+    dev = resolve_device(device)
 
     values = np.full((adata_tiles.n_obs, len(gene_names)), np.nan, dtype=np.float32)
     n_windows = np.zeros(adata_tiles.n_obs, dtype=np.int64)
@@ -589,7 +546,7 @@ def predict_spatial(
             raise ValueError(f"windows must be one of {WINDOW_RULES}; got {windows!r}.")
         threshold = f"{_window_threshold(window, min_tissue_tiles):g}"
         rows, cols = _grid_coords(adata_tiles)
-        slots = _model_config(models[0]).get("num_clusters")
+        slots = model_info(models[0], "num_clusters")
         if slots is not None and int(slots) != window * window:
             raise ValueError(
                 f"the model takes {slots} tokens but a {window}×{window} window has {window * window} slots."
@@ -636,7 +593,7 @@ def predict_spatial(
     info = _copy.deepcopy(dict(adata_tiles.uns.get(UNS_KEY, {})))
     info.update(
         {
-            "model": _model_id(models[0]),
+            "model": model_id(models[0]),
             "n_models": len(models),
             "method": method,
             "use_rep": rep,
@@ -650,11 +607,11 @@ def predict_spatial(
         )
     out.uns[UNS_KEY] = info
     if sdata is not None:
-        _write_to_sdata(out, sdata, table_key=table_key or "predictions", region=region)
+        _write_to_sdata(out, sdata, table_key=key_added or "predictions", region=region, overwrite=overwrite)
     return out
 
 
-def _write_to_sdata(pred: AnnData, sdata, *, table_key: str, region: str | None) -> None:
+def _write_to_sdata(pred: AnnData, sdata, *, table_key: str, region: str | None, overwrite: bool = False) -> None:
     from .. import io as hxio
 
     shapes = list(getattr(sdata, "shapes", {}))
@@ -669,124 +626,18 @@ def _write_to_sdata(pred: AnnData, sdata, *, table_key: str, region: str | None)
             f"cannot tell which tile shapes the predictions annotate (shapes in sdata: {shapes}); pass "
             "`region=` (the shapes element written by hx.pp.tile / hx.io.add_tiles_to_spatialdata)."
         )
-    hxio.add_table(sdata, pred, name=table_key, region=region, instance_key="tile_id")
+    hxio.add_table(sdata, pred, name=table_key, region=region, instance_key="tile_id", overwrite=overwrite)
 
 
-# --------------------------------------------------------------------------------------------
-# measured spots → tile grid (SPEC §4, SEQUOIA's EMD protocol)
-# --------------------------------------------------------------------------------------------
-def _dense(x) -> np.ndarray:
-    import scipy.sparse as sp
+def map_measured_to_tiles(*args: Any, **kwargs: Any) -> AnnData:
+    """Moved to :func:`histoexpr.pp.map_measured_to_tiles`; this alias warns and calls it, for one release."""
+    import warnings
 
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+    warnings.warn("histoexpr.tl.map_measured_to_tiles moved to histoexpr.pp.map_measured_to_tiles",
+                  DeprecationWarning, stacklevel=2)
+    from ..pp import map_measured_to_tiles as moved
 
-
-def map_measured_to_tiles(
-    measured: AnnData,
-    tiles: AnnData,
-    *,
-    k: int = 4,
-    layer: str | None = None,
-    genes: Sequence[str] | None = None,
-    median_filter: bool = False,
-    min_unique: int | None = None,
-    max_distance: float | None = None,
-) -> AnnData:
-    """Put measured spot expression on the tile grid: mean of the ``k`` nearest spots to each tile centre.
-
-    SEQUOIA's ground truth for comparing predicted and measured maps (``spatial_vis/get_emd.py``
-    ``get_average``): the mean of the 4 nearest spots by Euclidean distance between the tile centre and
-    spot centres. Optional: a 3 × 3 median filter on the grid — histoexpr's rule, the median of the
-    tiles present in each neighbourhood, which is *not* SEQUOIA's edge rule (see the fidelity page of
-    the docs) — and a filter keeping genes with at least ``min_unique`` distinct values (the paper: 10).
-
-    Parameters
-    ----------
-    measured
-        Spots AnnData with expression in ``X`` (or ``layer``) and centres in ``obsm["spatial"]``, in the
-        same pixel coordinates as the tiles (level-0 pixels of the same image).
-    tiles
-        Tiles AnnData (``obsm["spatial"]`` centres; ``obs["row"]``/``obs["col"]`` for the median filter).
-    k
-        Number of nearest spots averaged.
-    layer
-        Layer of ``measured`` to use instead of ``X`` (e.g. log-normalised values).
-    genes
-        Subset of genes (default all).
-    median_filter
-        Apply the 3 × 3 median filter on the tile grid.
-    min_unique
-        Keep only genes with at least this many unique values on the grid.
-    max_distance
-        Optional: raise if some tile's nearest spot is farther than this (pixels), a sign of mismatched
-        coordinate systems.
-
-    Returns
-    -------
-    AnnData tiles × genes with the tiles' ``obs``/``obsm["spatial"]``/``uns["spatial"]``;
-    ``obs["nearest_spot_distance"]`` in pixels.
-
-    Examples
-    --------
-    >>> truth = hx.tl.map_measured_to_tiles(visium, tiles, median_filter=True, min_unique=10)  # doctest: +SKIP
-    """
-    import anndata as ad
-    from scipy.spatial import cKDTree
-
-    for name, a in (("measured", measured), ("tiles", tiles)):
-        if SPATIAL_KEY not in a.obsm:
-            raise ValueError(f"`{name}` has no obsm['spatial'] coordinates.")
-        if a.n_obs == 0:
-            raise ValueError(f"`{name}` is empty.")
-    if k < 1 or k > measured.n_obs:
-        raise ValueError(f"k must be in [1, {measured.n_obs}] (number of spots); got {k}.")
-    if len(_split_slides(tiles)) > 1:  # pixel coordinates and grids of different slides must not mix
-        raise ValueError(
-            f"`tiles` holds several slides ({list(pd.unique(tiles.obs['slide_id'].astype(str)))[:5]}); map one "
-            "slide at a time: tiles[tiles.obs['slide_id'] == sid] with that slide's measured spots."
-        )
-    spots_xy = np.asarray(measured.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-    tiles_xy = np.asarray(tiles.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-    lo, hi = spots_xy.min(0), spots_xy.max(0)
-    tlo, thi = tiles_xy.min(0), tiles_xy.max(0)
-    if np.any(thi < lo) or np.any(tlo > hi):
-        raise ValueError(
-            f"tiles (x,y in [{tlo.round(1)}, {thi.round(1)}]) and spots ([{lo.round(1)}, {hi.round(1)}]) do "
-            "not overlap: are both in level-0 pixels of the same image? Convert the spot coordinates first."
-        )
-    dist, nn = cKDTree(spots_xy).query(tiles_xy, k=k)
-    dist, nn = dist.reshape(len(tiles_xy), k), nn.reshape(len(tiles_xy), k)
-    if max_distance is not None and dist[:, 0].max() > max_distance:
-        raise ValueError(
-            f"{int((dist[:, 0] > max_distance).sum())} tiles have no spot within {max_distance} px "
-            f"(farthest: {dist[:, 0].max():.1f} px): check the coordinate systems."
-        )
-    src = measured if genes is None else measured[:, [str(g) for g in genes]]
-    x = _dense(src.layers[layer] if layer is not None else src.X)
-    values = x[nn].mean(axis=1)
-    if median_filter:
-        from ..metrics import median_filter_grid
-
-        rows, cols = _grid_coords(tiles)
-        values = median_filter_grid(values, np.column_stack([rows, cols]))
-    var = src.var.copy()
-    if min_unique is not None:
-        n_unique = np.array([np.unique(values[:, j]).size for j in range(values.shape[1])])
-        keep = n_unique >= min_unique
-        values, var = values[:, keep], var.iloc[keep]
-        var["n_unique"] = n_unique[keep]
-    obs = tiles.obs.copy()
-    obs["nearest_spot_distance"] = dist[:, 0]
-    out = ad.AnnData(X=values.astype(np.float32), obs=obs, var=var)
-    out.obsm[SPATIAL_KEY] = tiles_xy.copy()
-    if "spatial" in tiles.uns:
-        out.uns["spatial"] = _copy.deepcopy(tiles.uns["spatial"])
-    info = _copy.deepcopy(dict(tiles.uns.get(UNS_KEY, {})))
-    info["measured_to_tiles"] = {
-        "k": k, "median_filter": median_filter, "min_unique": min_unique, "layer": layer,
-    }
-    out.uns[UNS_KEY] = info
-    return out
+    return moved(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,13 +710,15 @@ def _training_chunk(model, coords, n: int, max_tiles: int, rng: np.random.Genera
     """
     from ..models.histoprism import attention_chunks
 
-    size = _model_config(model).get("attention_chunk_size") or max_tiles
+    size = model_info(model, "attention_chunk_size") or max_tiles
     if n <= size:
         return None
     chunks = attention_chunks(n, int(size), coords)
     return chunks[int(rng.integers(len(chunks)))].cpu()
 
 
+@doc_params()
+@renamed_kwargs(epochs="max_epochs", seed="random_state")
 def train_spatial(
     adatas,
     *,
@@ -877,26 +730,26 @@ def train_spatial(
     train: Sequence[str] | None = None,
     val: Sequence[str] | None = None,
     test: Sequence[str] | None = None,
-    epochs: int = 300,
+    max_epochs: int = 300,
     lr: float = 5e-5,
     weight_decay: float = 0.01,
     grad_clip: float = 1.0,
     patience: int = 30,
     max_tiles: int = 4096,
-    seed: int = 0,
+    random_state: int = 0,
     device: Any = None,
     checkpoint_dir: str | Path | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
-):
-    """Train the HistoPrism-style direct model (SPEC §3.4) on spot-level data.
+) -> TrainResult:
+    """Train the HistoPrism-style direct model on spot-level data.
 
     Each step sees one training slide (all its spots or, for a slide larger than the model's
     ``attention_chunk_size``, one of the Morton-contiguous chunks it attends over at inference): features
     ``obsm[use_rep]`` → ``log1p`` counts, masked MSE (genes a slide does not measure are left out of its
     loss), AdamW, gradient clipping. After every epoch the mean MSE on the validation slides decides
     early stopping (``patience`` epochs without improvement); the best weights are restored. Without
-    validation slides it trains for ``epochs`` epochs and keeps the last weights.
+    validation slides it trains for ``max_epochs`` epochs and keeps the last weights.
 
     Parameters
     ----------
@@ -916,35 +769,34 @@ def train_spatial(
         obs column / uns key with the slide condition (e.g. cancer type); ``None`` = unconditioned.
     train, val, test
         Slide ids of each split (slide-level splits; no slide may be in two). Default: all slides train,
-        no validation (then training runs ``epochs`` epochs).
-    epochs, lr, weight_decay, grad_clip, patience
-        Optimisation (SPEC §3.4 defaults: AdamW lr 5e-5, weight decay 0.01, clip 1.0).
+        no validation (then training runs ``max_epochs`` epochs).
+    max_epochs, lr, weight_decay, grad_clip, patience
+        Optimisation (defaults: AdamW lr 5e-5, weight decay 0.01, clip 1.0).
     max_tiles
         Chunk size for a model with full attention (``attention_chunk_size=None``); a chunking model
         trains on its own inference chunks.
-    seed
-        Seeds torch and numpy: same data + seed = same model (on CPU).
-    device
-        Torch device; default CUDA when available.
+    {random_state}
+    {device}
     checkpoint_dir
         If given, the best model is saved there (``config.json`` + ``model.safetensors``) whenever the
         validation loss improves (without validation: once, at the end); reload with
         :meth:`HistoPrism.from_pretrained`.
     model_kwargs
         Extra :class:`~histoexpr.models.HistoPrism` arguments (``hidden_dim``, ``depth``, ``dropout``...).
-    progress
-        Show a progress bar over epochs.
+    {progress}
 
     Returns
     -------
-    The trained :class:`~histoexpr.models.HistoPrism` (best validation epoch) in eval mode, with
-    ``.genes``, ``.conditions``, ``.units`` and ``.history`` (dict with per-epoch ``train_loss`` and
-    ``val_loss``, ``best_epoch``, ``test_loss``, the splits).
+    :class:`~histoexpr.tl.TrainResult`: ``model`` is the trained :class:`~histoexpr.models.HistoPrism`
+    (best validation epoch, eval mode, with ``.genes``, ``.conditions``, ``.units``); ``history`` has one
+    row per epoch (``train_loss``, ``val_loss``); ``best_epoch``, ``epochs_run``, ``test_loss``.
+    (Until now the model itself was returned, with a ``.history`` dict; that dict is still set on
+    ``model``, and model attributes on the result still work, with a ``DeprecationWarning``.)
 
     Examples
     --------
     >>> model = hx.tl.train_spatial({"C2": c2, "C3": c3, "C4": c4}, use_rep="X_hed_stats",
-    ...                             train=["C2", "C3"], val=["C4"], epochs=300)  # doctest: +SKIP
+    ...                             train=["C2", "C3"], val=["C4"], max_epochs=300)  # doctest: +SKIP
     >>> pred = hx.tl.predict_spatial(tiles_b4, model, method="direct")  # doctest: +SKIP
     """
     import torch
@@ -963,8 +815,8 @@ def train_spatial(
         raise ValueError(f"slides in more than one split: {sorted(overlap)}.")
     if not train:
         raise ValueError("no training slides.")
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be ≥ 1, got {epochs}.")
+    if int(max_epochs) < 1:
+        raise ValueError(f"max_epochs must be ≥ 1, got {max_epochs}.")
     if target_transform not in ("log1p", None):
         raise ValueError("target_transform must be 'log1p' or None.")
     for s in (*train, *val, *test):
@@ -980,9 +832,9 @@ def train_spatial(
     if condition_key is not None:
         conditions = sorted({_slide_condition(slides[s], condition_key) for s in (*train, *val, *test)})
 
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    dev = get_device(device)
+    rng = np.random.default_rng(random_state)
+    torch.manual_seed(random_state)
+    dev = resolve_device(device)
     log1p = target_transform == "log1p"
 
     def tensors(s: str):
@@ -1030,17 +882,9 @@ def train_spatial(
             losses = [float(forward(data[s])) for s in ids]
         return float(np.mean(losses))
 
-    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "train": train, "val": val, "test": test}
-    best = (math.inf, -1, None)
-    stale = 0
-    epoch_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
+    meta = {"use_rep": use_rep, "train": train, "val": val, "test": test, "random_state": random_state}
 
-        epoch_iter = tqdm(epoch_iter, desc="epochs")
-    meta = {"use_rep": use_rep, "train": train, "val": val, "test": test, "seed": seed}
-    for epoch in epoch_iter:
-        model.train()
+    def train_epoch(epoch: int) -> dict:
         losses = []
         for s in rng.permutation(train):
             n = data[s]["x"].shape[0]
@@ -1051,28 +895,29 @@ def train_spatial(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             losses.append(float(loss.detach()))
-        history["train_loss"].append(float(np.mean(losses)))
-        val_loss = evaluate(val)
-        history["val_loss"].append(val_loss)
-        if val_loss is None:  # no validation slides: train for `epochs` epochs, keep the last weights
-            best = (history["train_loss"][-1], epoch, None)
-            continue
-        if val_loss < best[0]:
-            best = (val_loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
-            stale = 0
-            if checkpoint_dir is not None:
-                model.save_pretrained(checkpoint_dir, metadata={**meta, "epoch": epoch, "val_loss": val_loss})
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    if best[2] is not None:
-        model.load_state_dict(best[2])
-    elif checkpoint_dir is not None:
-        model.save_pretrained(checkpoint_dir, metadata={**meta, "epoch": best[1], "train_loss": best[0]})
-    model.eval()
-    history["best_epoch"] = best[1]
-    history["epochs_run"] = len(history["train_loss"])
-    history["test_loss"] = evaluate(test)
-    model.history = history
-    return model
+        return {"train_loss": float(np.mean(losses))}
+
+    def save(epoch: int, row: dict) -> None:
+        model.save_pretrained(checkpoint_dir, metadata={**meta, "epoch": epoch, "val_loss": row["val_loss"]})
+
+    t_start = time.perf_counter()
+    # without validation slides every epoch is kept, i.e. the last weights
+    log = fit(model, train_epoch, max_epochs=max_epochs, validate=(lambda: {"val_loss": evaluate(val)}) if val else None,
+              stopper=Patience(patience, "val_loss") if val else None,
+              on_save=save if (val and checkpoint_dir is not None) else None, progress=progress)
+    if not val and checkpoint_dir is not None:
+        model.save_pretrained(checkpoint_dir, metadata={**meta, "epoch": log.best_epoch,
+                                                        "train_loss": log.rows[-1]["train_loss"]})
+    history: dict[str, Any] = {
+        "train_loss": [r["train_loss"] for r in log.rows], "val_loss": [r.get("val_loss") for r in log.rows],
+        "train": train, "val": val, "test": test, "best_epoch": log.best_epoch, "epochs_run": len(log.rows),
+        "test_loss": evaluate(test),
+    }
+    model.history = history  # the old record, kept on the model for one release
+    best = log.best_row or {}
+    return TrainResult(
+        model=model, models=[model], history=pd.DataFrame(log.rows).drop(columns="saved"),
+        best_epoch=log.best_epoch, best_score=best.get("val_loss", best.get("train_loss")),
+        epochs_run=len(log.rows), test_loss=history["test_loss"], seconds=time.perf_counter() - t_start,
+        device=str(dev),
+    )
