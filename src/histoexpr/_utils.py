@@ -143,9 +143,11 @@ def check_targets(targets: Any, *, layer: str | None = None, what: str = "target
     -------
     >>> check_targets(np.ones((3, 2)))
     """
+    from collections.abc import Mapping
+
     import scipy.sparse as sp
 
-    if isinstance(targets, dict) or (hasattr(targets, "items") and not hasattr(targets, "obs")):
+    if isinstance(targets, Mapping):
         parts = [(f"slide {k!r}", v) for k, v in targets.items()]
     elif isinstance(targets, list | tuple) and targets and all(hasattr(t, "obs") for t in targets):
         parts = [(f"slide {i}", t) for i, t in enumerate(targets)]
@@ -187,3 +189,26 @@ def check_targets(targets: Any, *, layer: str | None = None, what: str = "target
             + ". Training on them would make every weight NaN. Drop those genes or spots (or fill the "
             "values) before training."
         )
+
+
+def means_fingerprint(features: np.ndarray, tile_names: Any, *, use_rep: str, n_clusters: int,
+                      random_state: int) -> str:
+    """Hash of what a slide's k-means means are computed from: its features, tile index and the k-means
+    settings. Stored next to the means in ``uns`` and checked before they are reused, so subsetting
+    the tiles or replacing the features can never give the old slide's means.
+
+    Example
+    -------
+    >>> fp = means_fingerprint(np.zeros((3, 2), np.float32), ["a", "b", "c"], use_rep="X_uni",
+    ...                        n_clusters=2, random_state=0)
+    >>> len(fp)
+    32
+    """
+    import hashlib
+
+    x = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{x.shape}|{use_rep}|{int(n_clusters)}|{int(random_state)}".encode())
+    h.update(x.tobytes())
+    h.update("\x1f".join(map(str, tile_names)).encode())
+    return h.hexdigest()

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._utils import bf16_autocast
+from .._utils import bf16_autocast, check_targets
 from ..pp._xenium import _open_crop_slide, core_counts, xenium_crop_images
 
 SPLIT_LABELS = ("train", "val", "test", "purged")
@@ -368,6 +368,7 @@ def train_fusion(
 
     from ..models.fusion import MinMAEBaseline
 
+    check_targets(crops, what="crop targets (crops.X)")  # a NaN target would make the whole model NaN
     info = _crop_info(crops)
     _check_panels(model, info)
     if split is None:
