@@ -15,6 +15,8 @@ import os
 import shutil
 import time
 import warnings
+import weakref
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -316,32 +318,41 @@ def _slide_fingerprint(slide) -> str:
     return h.hexdigest()
 
 
-def _weights_fingerprint(enc: Encoder) -> str:
-    """The encoder's name/transform and a hash of every weight tensor.
+#: module → (state key, fingerprint): the weights are hashed again only after they changed.
+_WEIGHTS_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    Tensors up to 1 M values are hashed whole; larger ones by a strided sample of 64 k values plus
-    their float64 sum and sum of squares (any single changed value changes those), so a ViT-L
-    (300 M parameters) costs a few hundred ms instead of hashing 1.2 GB.
+
+def _weights_fingerprint(enc: Encoder) -> str:
+    """The encoder's name/transform and a hash of every byte of every weight tensor.
+
+    Each tensor's bytes go through CRC-32 (position-sensitive: any changed, swapped or shifted
+    value changes it) and the per-tensor results, names, shapes and dtypes through BLAKE2b. The
+    result is remembered per module together with each tensor's storage pointer and version counter
+    (bumped by every in-place change, ``load_state_dict`` included), so a cohort hashes its encoder
+    once: ~0.1 s for a ResNet-50, ~1-2 s for a ViT-L (300 M parameters) on one busy core.
     """
     import torch
 
+    state = enc.module.state_dict(keep_vars=True)
+    key = tuple((k, t.data_ptr(), t._version, tuple(t.shape)) if torch.is_tensor(t) else (k, repr(t))
+                for k, t in state.items())
+    header = f"{enc.name}|{enc.weights}|{enc.dim}|{enc.input_size}|{enc.transform!r}"
+    memo = _WEIGHTS_FINGERPRINTS.get(enc.module)
+    if memo is not None and memo[0] == (header, key):
+        return memo[1]
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{enc.name}|{enc.weights}|{enc.dim}|{enc.input_size}|{enc.transform!r}".encode())
+    h.update(header.encode())
     with torch.no_grad():
-        for key, t in enc.module.state_dict().items():
+        for k, t in state.items():
             if not torch.is_tensor(t):
-                h.update(f"{key}|{t!r}".encode())
+                h.update(f"{k}|{t!r}".encode())
                 continue
-            flat = t.detach().reshape(-1)
-            h.update(f"{key}|{tuple(t.shape)}|{t.dtype}".encode())
-            if flat.numel() <= 1 << 20:
-                h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-                continue
-            sample = flat[:: max(1, flat.numel() // (1 << 16))]
-            h.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            d = flat.double()
-            h.update(np.array([float(d.sum()), float((d * d).sum())]).tobytes())
-    return h.hexdigest()
+            flat = t.detach().reshape(-1).cpu().contiguous()
+            crc = zlib.crc32(memoryview(flat.view(torch.uint8).numpy())) if flat.numel() else 0
+            h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|{crc}".encode())
+    digest = h.hexdigest()
+    _WEIGHTS_FINGERPRINTS[enc.module] = ((header, key), digest)
+    return digest
 
 
 def _is_spatialdata(obj) -> bool:
