@@ -102,7 +102,9 @@ class Slide:
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """Read ``size = (w, h)`` pixels of ``level`` starting at level-0 ``location = (x, y)``.
 
-        Areas outside the image are filled with white (255), as background would be.
+        Areas outside the image are filled with white (255), as background would be. Pixels that
+        cannot be decoded (a truncated or corrupt file) raise a :class:`SlideError` naming the file
+        and the region.
         """
         if not 0 <= level < self.level_count:
             raise SlideError(f"level {level} does not exist; this slide has levels 0..{self.level_count - 1}")
@@ -383,6 +385,14 @@ def open_slide(
     Returns
     -------
     A :class:`Slide`.
+
+    Raises
+    ------
+    SlideError
+        The file is missing, truncated or corrupt (the message names it), or ``mpp`` (given, or read
+        from the metadata) is not a finite number > 0: a string such as ``"0.5"``, NaN, 0 or
+        negative. Pixels that cannot be decoded later raise a :class:`SlideError` naming the file
+        and the region from :meth:`Slide.read_region`.
 
     Examples
     --------

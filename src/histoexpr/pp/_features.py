@@ -420,7 +420,8 @@ def extract_features(
         the batch size the cache was created with.
     num_workers
         DataLoader worker processes reading tiles; default ``min(16, cpus - 1)`` on CUDA,
-        ``min(2, cpus - 1)`` on CPU. 0 reads in the main process.
+        ``min(2, cpus - 1)`` on CPU. 0 reads in the main process. Workers are stopped as soon as
+        the loop ends, also on an error or Ctrl-C.
     device
         ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
     precision
@@ -429,8 +430,12 @@ def extract_features(
     key_added
         ``obsm`` key; default ``"X_<encoder name>"``.
     cache
-        Path of a zarr store receiving features batch by batch. If it exists (same tiles, encoder,
-        weights and precision), finished batches are not recomputed: an interrupted run resumes.
+        Path of a zarr store receiving features batch by batch. If it exists and its fingerprints
+        match this run (the slide's path, size, mtime and sampled content; the tile geometry; the
+        encoder and a hash of its weights; the precision), finished batches are not recomputed: an
+        interrupted run resumes. A cache that does not match is cleared and recomputed, with a
+        warning saying what changed. A file lock (``<cache>.lock``) makes a second run on the same
+        cache wait for the first. See ``docs/data_safety.md``.
     table_key
         With SpatialData input: the tiles table (found automatically when there is one).
     progress
@@ -448,8 +453,10 @@ def extract_features(
     Raises
     ------
     ValueError
-        When features contain NaN/inf (the message names the tiles), or the cache was made with
-        other settings.
+        When features contain NaN/inf (the message names the tiles), ``cache`` is a folder that is not a
+        histoexpr feature cache, or ``batch_size``/``num_workers`` are not whole numbers (> 0, ≥ 0).
+    histoexpr.io.SlideError
+        When a tile cannot be decoded (truncated or corrupt slide); the message names the file and region.
 
     Example
     -------
