@@ -275,3 +275,10 @@ def test_read_st_matching_files_do_not_warn_about_spots(shared_data, tmp_path):
         adata = hx.io.read_st(counts, sel, image, mpp=0.5)
     assert adata.n_obs == 180
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_nan_outside_the_gene_panel_is_not_an_error():
+    a, b = _spot_slide(0, nan_at=(7, 5)), _spot_slide(1)
+    model = hx.tl.train_spatial({"A": a, "B": b}, use_rep="X_enc", genes=["gene0", "gene1"], epochs=1, device="cpu",
+                                model_kwargs={"hidden_dim": 16, "nheads": 2, "dim_feedforward": 16})
+    assert all(torch.isfinite(p).all() for p in model.parameters())

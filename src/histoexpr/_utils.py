@@ -132,12 +132,13 @@ def check_positive(
     return int(v) if integer else v
 
 
-def check_targets(targets: Any, *, layer: str | None = None, what: str = "targets") -> None:
+def check_targets(targets: Any, *, layer: str | None = None, genes: Any = None, what: str = "targets") -> None:
     """Raise a :class:`ValueError` naming the genes and spots/samples when training targets hold NaN/inf.
 
     One check for every trainer: ``targets`` may be an array, a DataFrame, an AnnData (``X`` or
     ``layer``; sparse is fine), or a mapping / list of AnnData (one per slide). Training on a NaN
     target makes every weight NaN, so the model would predict NaN everywhere.
+    With ``genes``, only those columns of AnnData/DataFrame targets are checked (the panel trained on).
 
     Example
     -------
@@ -157,9 +158,13 @@ def check_targets(targets: Any, *, layer: str | None = None, what: str = "target
     for label, t in parts:
         rows = cols = None
         if hasattr(t, "obs") and hasattr(t, "X"):
+            if genes is not None:
+                t = t[:, t.var_names.isin([str(g) for g in genes])]
             rows, cols = list(map(str, t.obs_names)), list(map(str, t.var_names))
             x = t.layers[layer] if layer is not None else t.X
         elif hasattr(t, "columns") and hasattr(t, "to_numpy"):
+            if genes is not None:
+                t = t.loc[:, t.columns.astype(str).isin([str(g) for g in genes])]
             rows, cols = list(map(str, t.index)), list(map(str, t.columns))
             x = t.to_numpy()
         else:

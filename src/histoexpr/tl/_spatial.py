@@ -911,7 +911,7 @@ def train_spatial(
 
     from ..models.histoprism import HistoPrism
 
-    check_targets(adatas, layer=layer)  # a NaN target would make the whole model NaN
+    check_targets(adatas, layer=layer, genes=genes)  # a NaN target would make the whole model NaN
     slides = _as_slide_dict(adatas)
     train = list(slides) if train is None else [str(s) for s in train]
     val = [] if val is None else [str(s) for s in val]
