@@ -122,7 +122,7 @@ class Slide:
             return out
         try:
             patch = self._read_level_box(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
-        except SlideError:
+        except (SlideError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - tifffile/imagecodecs/zarr errors: name the file and region
             raise SlideError(
