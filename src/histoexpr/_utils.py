@@ -179,3 +179,130 @@ def dense(x) -> np.ndarray:
     import scipy.sparse as sp
 
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+def check_positive(
+    value: Any,
+    name: str,
+    *,
+    integer: bool = False,
+    allow_zero: bool = False,
+    error: type[Exception] = ValueError,
+    hint: str = "",
+) -> float | int:
+    """Return ``value`` as a float (or int) after checking it is a finite positive number.
+
+    Rejects strings (even ``"0.5"``), booleans, NaN, inf, zero (unless ``allow_zero``) and negative
+    values with an ``error`` naming the parameter, what it got and the fix. ``integer=True`` also
+    rejects fractions (``2.0`` is accepted as ``2``).
+
+    Example
+    -------
+    >>> check_positive(0.5, "mpp")
+    0.5
+    >>> check_positive(4, "batch_size", integer=True)
+    4
+    """
+    import numbers
+
+    kind = "a whole number" if integer else "a number"
+    bound = "≥ 0" if allow_zero else "> 0"
+    if isinstance(value, str | bytes):
+        try:
+            as_number = float(value)
+        except ValueError:
+            as_number = None
+        fix = f"; pass {name}={as_number!r} without quotes" if as_number is not None else ""
+        raise error(f"{name} must be {kind} {bound}, got the string {value!r}{fix}.{hint and ' ' + hint}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(f"{name} must be {kind} {bound}, got {value!r} ({type(value).__name__}).{hint and ' ' + hint}")
+    v = float(value)
+    ok = np.isfinite(v) and (v >= 0 if allow_zero else v > 0) and (not integer or v == int(v))
+    if not ok:
+        raise error(f"{name} must be {kind} {bound}, got {value!r}.{hint and ' ' + hint}")
+    return int(v) if integer else v
+
+
+def check_targets(targets: Any, *, layer: str | None = None, genes: Any = None, what: str = "targets") -> None:
+    """Raise a :class:`ValueError` naming the genes and spots/samples when training targets hold NaN/inf.
+
+    One check for every trainer: ``targets`` may be an array, a DataFrame, an AnnData (``X`` or
+    ``layer``; sparse is fine), or a mapping / list of AnnData (one per slide). Training on a NaN
+    target makes every weight NaN, so the model would predict NaN everywhere.
+    With ``genes``, only those columns of AnnData/DataFrame targets are checked (the panel trained on).
+
+    Example
+    -------
+    >>> check_targets(np.ones((3, 2)))
+    """
+    from collections.abc import Mapping
+
+    import scipy.sparse as sp
+
+    if isinstance(targets, Mapping):
+        parts = [(f"slide {k!r}", v) for k, v in targets.items()]
+    elif isinstance(targets, list | tuple) and targets and all(hasattr(t, "obs") for t in targets):
+        parts = [(f"slide {i}", t) for i, t in enumerate(targets)]
+    else:
+        parts = [("", targets)]
+    problems, total = [], 0
+    for label, t in parts:
+        rows = cols = None
+        if hasattr(t, "obs") and hasattr(t, "X"):
+            if genes is not None:
+                t = t[:, t.var_names.isin([str(g) for g in genes])]
+            rows, cols = list(map(str, t.obs_names)), list(map(str, t.var_names))
+            x = t.layers[layer] if layer is not None else t.X
+        elif hasattr(t, "columns") and hasattr(t, "to_numpy"):
+            if genes is not None:
+                t = t.loc[:, t.columns.astype(str).isin([str(g) for g in genes])]
+            rows, cols = list(map(str, t.index)), list(map(str, t.columns))
+            x = t.to_numpy()
+        else:
+            x = t.detach().cpu().numpy() if hasattr(t, "detach") else t
+        if sp.issparse(x):
+            x = sp.coo_matrix(x)
+            if x.dtype.kind not in "fc" or np.isfinite(x.data).all():
+                continue
+            bad = ~np.isfinite(x.data)
+            r, c = x.row[bad], x.col[bad]
+        else:
+            x = np.asarray(x)
+            if x.dtype.kind not in "fc" or np.isfinite(x).all():
+                continue
+            r, c = np.nonzero(~np.isfinite(x.reshape(len(x), -1)))
+        total += len(r)
+        r_u, c_u = np.unique(r), np.unique(c)
+        genes = [cols[j] for j in c_u[:5]] if cols is not None else c_u[:5].tolist()
+        spots = [rows[i] for i in r_u[:5]] if rows is not None else r_u[:5].tolist()
+        problems.append(
+            f"{label + ': ' if label else ''}{len(r)} values in {len(c_u)} genes (e.g. {genes}) of "
+            f"{len(r_u)} spots/samples (e.g. {spots})"
+        )
+    if problems:
+        raise ValueError(
+            f"the {what} contain {total} NaN/inf values: " + "; ".join(problems[:5])
+            + ". Training on them would make every weight NaN. Drop those genes or spots (or fill the "
+            "values) before training."
+        )
+
+
+def means_fingerprint(features: np.ndarray, tile_names: Any, *, use_rep: str, n_clusters: int,
+                      random_state: int) -> str:
+    """Hash of what a slide's k-means means are computed from: its features, tile index and the k-means
+    settings. Stored next to the means in ``uns`` and checked before they are reused, so subsetting
+    the tiles or replacing the features can never give the old slide's means.
+
+    Example
+    -------
+    >>> fp = means_fingerprint(np.zeros((3, 2), np.float32), ["a", "b", "c"], use_rep="X_uni",
+    ...                        n_clusters=2, random_state=0)
+    >>> len(fp)
+    32
+    """
+    import hashlib
+
+    x = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{x.shape}|{use_rep}|{int(n_clusters)}|{int(random_state)}".encode())
+    h.update(x.tobytes())
+    h.update("\x1f".join(map(str, tile_names)).encode())
+    return h.hexdigest()

@@ -270,7 +270,9 @@ def read_st(
     files: the counts may be spots × genes or genes × spots (spot ids ``"<x>x<y>"``), plain or
     gzipped; the spot table needs the columns ``x``, ``y``, ``pixel_x`` (column) and ``pixel_y``
     (row) in pixels of ``image``; when it has a ``selected`` column only spots with
-    ``selected == 1`` (under tissue) are kept.
+    ``selected == 1`` (under tissue) are kept. Spots with counts that the spot table does not list
+    at all mean the files disagree: more than 2 % of them gives a warning with the number dropped,
+    more than half a :class:`ReaderError` (the spot table of another section).
 
     Parameters
     ----------
@@ -338,13 +340,14 @@ def read_st(
         library_id = re.sub(r"(\.tsv|\.txt|\.csv)?(\.gz)?$", "", counts_path.name)
 
     table = _read_st_counts(counts_path)
-    spot_table = _read_st_spots(spots_path)
+    spot_table, listed = _read_st_spots(spots_path)
     keep = spot_table.index.intersection(table.index)
     if len(keep) == 0:
         raise ReaderError(
             f"no spot of {counts_path.name} (ids like {list(table.index[:3])}) is in {spots_path.name} "
             f"(ids like {list(spot_table.index[:3])}, selected spots only): the files belong to different sections."
         )
+    counted = table.index
     spot_table = spot_table.loc[keep]
     table = table.loc[keep]
 
@@ -356,6 +359,7 @@ def read_st(
             f"spot pixel coordinates (x up to {px[:, 0].max():.0f}, y up to {px[:, 1].max():.0f}) fall outside "
             f"{image_path.name} ({width} × {height} px): the spot table refers to another image or resolution."
         )
+    _check_st_spot_agreement(counted, listed, keep, counts_path, spots_path)
 
     mpp_source = "given"
     lattice_pitch_um = spot_pitch_um
@@ -449,13 +453,47 @@ def _read_st_spots(path: Path) -> pd.DataFrame:
             f"{path}: spot table lacks columns {missing} (has {list(df.columns)}). Expected the ST spot "
             "detector output: x, y, [new_x, new_y,] pixel_x, pixel_y[, selected]."
         )
-    if "selected" in df:
-        df = df[df["selected"].astype(int) == 1]
     df = df.dropna(subset=required)
     df.index = pd.Index(df["x"].round().astype(int).astype(str) + "x" + df["y"].round().astype(int).astype(str))
+    listed = df.index  # every spot the table knows, selected or not
+    if "selected" in df:
+        df = df[df["selected"].astype(int) == 1]
     if df.index.duplicated().any():
         raise ReaderError(f"{path}: duplicated array coordinates {list(df.index[df.index.duplicated()][:3])}.")
-    return df
+    return df, listed
+
+
+#: read_st warns when more than this fraction of the counts file's spots are missing from the spot table
+#: (a few spots at the array's edge are common: STUtility's MOB1 lists 1923 of its 1934 spots, 0.6 %)
+#: and raises when more than the second fraction are (another section's table).
+ST_WARN_UNLISTED_FRACTION, ST_MAX_UNLISTED_FRACTION = 0.02, 0.5
+
+
+def _check_st_spot_agreement(counted: pd.Index, listed: pd.Index, keep: pd.Index, counts_path: Path,
+                             spots_path: Path) -> None:
+    """Spots with counts that the spot table does not list at all mean the two files disagree.
+
+    Spots listed but not ``selected`` are dropped on purpose (outside the tissue) and not counted
+    here. Matching sections of the HER2+ study lose 0 spots this way, STUtility's MOB1 0.6 %
+    (edge spots); another section's table loses most of them (C2 counts with C3's table: 155 of 187).
+    """
+    unlisted = counted.difference(listed)
+    if len(unlisted) <= ST_WARN_UNLISTED_FRACTION * len(counted):
+        return
+    msg = (
+        f"{len(unlisted)} of the {len(counted)} spots in {counts_path.name} (e.g. {list(unlisted[:5])}) are not in "
+        f"{spots_path.name} at all, so only {len(keep)} spots are kept"
+    )
+    if len(unlisted) > ST_MAX_UNLISTED_FRACTION * len(counted):
+        raise ReaderError(
+            msg + ": the spot table most likely belongs to another section. Pass the spot table (and image) of "
+            f"the same section as {counts_path.name}."
+        )
+    warnings.warn(
+        msg + ". Check that the spot table belongs to the same section as the counts; the missing spots are dropped.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _estimate_st_mpp(spot_table: pd.DataFrame, spot_pitch_um: float | None) -> tuple[float, float, float]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .._utils import check_positive
 from ._elements import image_levels, pick_image_key
 
 #: File endings read with PIL instead of a WSI library.
@@ -28,6 +29,10 @@ _PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 _MPP_RANGE = (0.05, 20.0)
 #: Largest level (in pixels) read whole for a thumbnail; larger ones are read in strips.
 _THUMBNAIL_READ_PIXELS = 4096 * 4096
+#: SpatialData (dask) regions up to this many pixels are computed with dask's synchronous scheduler:
+#: a tile touches a few chunks, so threads buy nothing, and they cannot be used after a fork (see
+#: ``Slide._read_level_box``).
+_SYNC_READ_PIXELS = 2048 * 2048
 
 
 class SlideError(ValueError):
@@ -76,6 +81,7 @@ class Slide:
         self._tiff: list[_TiffLevel] | bool | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._origin_pid = self._pid  # the process that opened the slide (see _read_level_box)
 
     # ------------------------------------------------------------------ openslide-like API
     @property
@@ -97,7 +103,9 @@ class Slide:
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """Read ``size = (w, h)`` pixels of ``level`` starting at level-0 ``location = (x, y)``.
 
-        Areas outside the image are filled with white (255), as background would be.
+        Areas outside the image are filled with white (255), as background would be. Pixels that
+        cannot be decoded (a truncated or corrupt file) raise a :class:`SlideError` naming the file
+        and the region.
         """
         if not 0 <= level < self.level_count:
             raise SlideError(f"level {level} does not exist; this slide has levels 0..{self.level_count - 1}")
@@ -113,7 +121,16 @@ class Slide:
         cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
         if cx1 <= cx0 or cy1 <= cy0:
             return out
-        patch = self._read_level_box(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+        try:
+            patch = self._read_level_box(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+        except (SlideError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - tifffile/imagecodecs/zarr errors: name the file and region
+            raise SlideError(
+                f"cannot read the region x={cx0}..{cx1}, y={cy0}..{cy1} (level-{level} px) of {self._describe()}: "
+                f"{type(e).__name__}: {e}. The file is probably truncated or corrupt (an interrupted copy or "
+                "download?); copy it again, or drop the tiles in this region."
+            ) from e
         out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = patch
         return out
 
@@ -172,8 +189,15 @@ class Slide:
         if self.backend == "pil":
             return self._pil_level(level)[y : y + h, x : x + w]
         if self.backend == "spatialdata":
-            arr = _element_level(self._element, level)
-            patch = np.asarray(arr[:, y : y + h, x : x + w])
+            region = _element_level(self._element, level)[:, y : y + h, x : x + w]
+            data = region.data
+            if hasattr(data, "compute") and (os.getpid() != self._origin_pid or w * h <= _SYNC_READ_PIXELS):
+                # dask's threaded scheduler keeps one process-wide pool; in a process forked after it
+                # started (a DataLoader worker) its threads are gone and compute() waits forever.
+                # Tile-sized reads gain nothing from threads anyway.
+                patch = np.asarray(data.compute(scheduler="synchronous"))
+            else:
+                patch = np.asarray(region)
             return _to_rgb_uint8(np.moveaxis(patch, 0, -1))
         if self.backend == "tiffslide":
             fast = self._tiff_levels()
@@ -228,6 +252,9 @@ class Slide:
                 if self._pil_levels is None:
                     self._pil_levels = _pil_pyramid(self.path, self.level_dimensions)
         return self._pil_levels[level]
+
+    def _describe(self) -> str:
+        return str(self.path) if self.path is not None else f"the SpatialData image {self.slide_id!r}"
 
     # ------------------------------------------------------------------ housekeeping
     def close(self) -> None:
@@ -360,6 +387,14 @@ def open_slide(
     -------
     A :class:`Slide`.
 
+    Raises
+    ------
+    SlideError
+        The file is missing, truncated or corrupt (the message names it), or ``mpp`` (given, or read
+        from the metadata) is not a finite number > 0: a string such as ``"0.5"``, NaN, 0 or
+        negative. Pixels that cannot be decoded later raise a :class:`SlideError` naming the file
+        and the region from :meth:`Slide.read_region`.
+
     Examples
     --------
     >>> import histoexpr as hx
@@ -368,8 +403,9 @@ def open_slide(
     (0.499, (2220, 2967))
     >>> slide = hx.io.open_slide("HE.jpg", mpp=0.69)  # doctest: +SKIP
     """
-    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-        raise SlideError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
+    if mpp is not None:
+        mpp = check_positive(mpp, "mpp", error=SlideError, hint="It is the slide's µm per level-0 pixel "
+                             "(e.g. 0.25 for a 40× scan, 0.5 for 20×).")
     if not isinstance(source, str | os.PathLike):
         return _open_spatialdata(source, mpp=mpp, slide_id=slide_id, image_key=image_key,
                                  coordinate_system=coordinate_system)
@@ -389,21 +425,41 @@ def open_slide(
     backend, handle = _open_wsi(path)
     try:
         level_dimensions = tuple(tuple(int(v) for v in d) for d in handle.level_dimensions)
-        file_mpp = _wsi_mpp(handle, path)
+        file_mpp = _wsi_mpp(handle, path) if mpp is None else None
+    except SlideError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a raw tifffile/openslide error would not name the file
+        raise SlideError(
+            f"cannot read the structure (pages, levels, metadata) of {path}: {type(e).__name__}: {e}. The file is "
+            "probably truncated or corrupt (an interrupted copy or download?); copy it again."
+        ) from e
     finally:
         handle.close()
-    return Slide(backend=backend, path=path, mpp=_require_mpp(mpp if mpp is not None else file_mpp, path),
+    if not level_dimensions or any(w <= 0 or h <= 0 for w, h in level_dimensions):
+        raise SlideError(f"{path} has no readable image levels ({level_dimensions}); is the file truncated?")
+    return Slide(backend=backend, path=path,
+                 mpp=_require_mpp(mpp, path) if mpp is not None else _require_mpp(file_mpp, path, from_metadata=True),
                  slide_id=slide_id, level_dimensions=level_dimensions)
 
 
 # ---------------------------------------------------------------------------- helpers
-def _require_mpp(mpp: float | None, path: Path | str) -> float:
+def _require_mpp(mpp: float | None, path: Path | str, *, from_metadata: bool = False) -> float:
     if mpp is None:
         raise SlideError(
             f"{path} has no µm-per-pixel (mpp) in its metadata. Pass mpp= explicitly, e.g. "
             "open_slide(path, mpp=0.25) for a 40× scan or mpp=0.5 for a 20× scan."
         )
-    return float(mpp)
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        source = "its metadata says" if from_metadata else "got"
+        raise SlideError(
+            f"{path}: {source} mpp={mpp!r}, which is not a valid µm per pixel (it must be a finite number > 0). "
+            "Pass the right value explicitly, e.g. open_slide(path, mpp=0.25) for a 40× scan or mpp=0.5 for 20×."
+        )
+    return value
 
 
 def _open_wsi(path: Path):
@@ -433,7 +489,10 @@ def _wsi_mpp(handle, path: Path) -> float | None:
     for key in ("tiffslide.mpp-x", "openslide.mpp-x"):
         v = props.get(key)
         if v not in (None, ""):
-            return float(v)
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                return math.nan  # reported by _require_mpp with the file's name and the fix
     return _tiff_resolution_mpp(path)
 
 
@@ -526,9 +585,11 @@ def _open_spatialdata(source, *, mpp, slide_id, image_key, coordinate_system) ->
     if not levels or "c" not in levels[0].dims:
         raise SlideError("expected a SpatialData image element with dims (c, y, x)")
     level_dimensions = tuple((int(a.sizes["x"]), int(a.sizes["y"])) for a in levels)
+    from_metadata = mpp is None
     if mpp is None:
         mpp = _element_mpp(element, coordinate_system) * _um_per_unit(source, coordinate_system)
-    return Slide(backend="spatialdata", path=None, mpp=_require_mpp(mpp, f"image {image_key!r}"),
+    return Slide(backend="spatialdata", path=None,
+                 mpp=_require_mpp(mpp, f"image {image_key!r}", from_metadata=from_metadata),
                  slide_id=slide_id or image_key or "image", level_dimensions=level_dimensions,
                  element=element)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._docs import doc_params
-from .._utils import check_finite, iter_slides, resolve_feature_key
+from .._utils import check_finite, iter_slides, means_fingerprint, resolve_feature_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -141,8 +141,11 @@ def cluster_features(
 
     * ``obs[key_added]``: categorical cluster label (``"0"`` … ``"K-1"``) of each tile, per slide;
     * ``uns[key_added]``: ``{"params": {"use_rep", "n_clusters", "random_state"},
-      "means": {slide_id: (K, D) float32}}``; row k of a slide's means is the mean feature of its
-      cluster k (never NaN: empty clusters take the k-means centre, with a warning).
+      "means": {slide_id: (K, D) float32}, "fingerprints": {slide_id: str}}``; row k of a slide's
+      means is the mean feature of its cluster k (never NaN: empty clusters take the k-means centre,
+      with a warning). The fingerprint hashes the slide's features, tile names and the settings;
+      :func:`histoexpr.tl.predict_bulk` reuses the means only while it matches (after subsetting
+      tiles or replacing features they are recomputed).
 
     Raises
     ------
@@ -165,6 +168,7 @@ def cluster_features(
     x = np.asarray(adata.obsm[rep])
     labels = np.empty(adata.n_obs, dtype=np.int64)
     means: dict[str, np.ndarray] = {}
+    fingerprints: dict[str, str] = {}
     for sid, rows in iter_slides(adata):
         what = f"obsm[{rep!r}] of slide {sid!r}"
         xs = x[rows].astype(np.float32, copy=False)
@@ -175,10 +179,13 @@ def cluster_features(
             )
         lab, centers = _kmeans(xs, n_clusters, random_state, what=what)
         means[sid] = _cluster_means(xs, lab, centers, what=what)
+        fingerprints[sid] = means_fingerprint(xs, adata.obs_names[rows], use_rep=rep, n_clusters=n_clusters,
+                                              random_state=random_state)
         labels[rows] = lab
     adata.obs[key_added] = pd.Categorical(labels.astype(str), categories=[str(k) for k in range(n_clusters)])
     adata.uns[key_added] = {
         "params": {"use_rep": rep, "n_clusters": int(n_clusters), "random_state": int(random_state)},
         "means": means,
+        "fingerprints": fingerprints,
     }
     return adata if copy else None

@@ -15,6 +15,8 @@ import os
 import shutil
 import time
 import warnings
+import weakref
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._constants import FEATURE_KEY_PREFIX, UNS_KEY
-from .._utils import get_device
+from .._utils import check_positive, get_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -32,7 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..io import Slide
     from ..models.encoders import Encoder
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: per-part fingerprints (slide identity, tiles, encoder weights)
+#: Bytes read from a slide file for its content fingerprint: blocks at fixed, evenly spread offsets.
+_SLIDE_HASH_BLOCKS, _SLIDE_HASH_BLOCK_SIZE = 16, 64 * 1024
 
 
 # ---------------------------------------------------------------------------- dataset
@@ -94,24 +98,43 @@ class _ZarrStore:
 
     A batch is exactly one row chunk; its features are written before its done flags, so a crash
     at any point leaves at most one chunk to redo and never a chunk marked done without features.
-    ``attrs`` fingerprint the run (tiles, slide, encoder, precision): a cache made with other
-    settings is refused rather than silently mixed.
+    ``attrs["fingerprints"]`` identify what the features were computed from (the slide's identity and
+    sampled content, the tile geometry, the encoder and a hash of its weights, the precision). A
+    cache whose fingerprints differ from this run's is cleared and recomputed, with a warning naming
+    what changed; a folder that is not a histoexpr feature cache is never touched.
+    The caller holds :func:`_cache_lock` for as long as the store is used.
     """
 
     def __init__(self, path: str | os.PathLike, n: int, dim: int, chunk: int, meta: dict):
         import zarr
 
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"cache={str(self.path)!r} is a file; pass a folder path for the zarr feature cache")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            try:
+                old = dict(zarr.open_group(str(self.path), mode="r").attrs)
+            except Exception:  # noqa: BLE001 - not a zarr group at all
+                old = {}
+            if not old.get("histoexpr_features_cache"):
+                raise ValueError(
+                    f"cache={str(self.path)!r} exists and is not a histoexpr feature cache; it is left untouched. "
+                    "Pass a new path (e.g. 'slide.features.zarr') for the cache."
+                )
         root = zarr.open_group(str(self.path), mode="a")
         old = dict(root.attrs)
         if old.get("histoexpr_features_cache"):
-            fields = ("fingerprint", "n_tiles", "dim")
-            if any(old.get(k) != meta[k] for k in fields):
-                diff = {k: (old.get(k), meta[k]) for k in fields if old.get(k) != meta[k]}
-                raise ValueError(
-                    f"the feature cache {self.path} was made for other tiles or another encoder/weights/"
-                    f"precision ({diff}, as (cache, now)). Use another cache path, or delete it to start over."
+            changed = _changed_fingerprints(old, meta)
+            if changed:
+                warnings.warn(
+                    f"the feature cache {self.path} was computed from {' and '.join(changed)} than this run; "
+                    "it is discarded and the features are recomputed.",
+                    UserWarning,
+                    stacklevel=3,
                 )
+                root = zarr.open_group(str(self.path), mode="w")
+                old = {}
+        if old.get("histoexpr_features_cache"):
             chunk = int(old["chunk_rows"])
         else:
             root.attrs.update({**meta, "chunk_rows": int(chunk), "histoexpr_features_cache": _CACHE_FORMAT})
@@ -135,6 +158,56 @@ class _ZarrStore:
 
     def read(self) -> np.ndarray:
         return np.asarray(self.root["features"][:], dtype=np.float32)
+
+
+#: What each fingerprint covers, for the message when a cache does not match.
+_FINGERPRINT_NAMES = {
+    "slide": "another slide (path, size, modification time or content)",
+    "tiles": "other tiles (positions, size or pyramid level)",
+    "encoder": "another encoder or other weights",
+    "precision": "another precision",
+}
+
+
+def _changed_fingerprints(old: dict, meta: dict) -> list[str]:
+    old_fp = old.get("fingerprints")
+    if old.get("histoexpr_features_cache") != _CACHE_FORMAT or not isinstance(old_fp, dict):
+        return ["an older histoexpr version's settings"]
+    changed = [_FINGERPRINT_NAMES[k] for k in _FINGERPRINT_NAMES if old_fp.get(k) != meta["fingerprints"][k]]
+    if not changed and (old.get("n_tiles"), old.get("dim")) != (meta["n_tiles"], meta["dim"]):
+        changed.append("another number of tiles or feature dimension")
+    return changed
+
+
+@contextlib.contextmanager
+def _cache_lock(path: str | os.PathLike, timeout: float | None = None):
+    """Hold ``<cache>.lock`` (an OS file lock, released even on ``kill -9``) while the cache is used.
+
+    A second run on the same cache waits for the first to finish (a message says so after 1 s), then
+    checks the cache's fingerprints: same settings reuse the finished features, other settings
+    recompute. Runs therefore never write into each other's chunks.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path.with_name(path.name + ".lock")))
+    try:
+        lock.acquire(timeout=1.0)
+    except Timeout:
+        warnings.warn(f"waiting for another process that is using the feature cache {path}", UserWarning,
+                      stacklevel=3)
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            raise TimeoutError(
+                f"another process has held the feature cache {path} for more than {timeout} s; pass another cache "
+                "path, or wait for it to finish"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -200,13 +273,93 @@ def _feature_key(name: str) -> str:
     return f"{FEATURE_KEY_PREFIX}{safe}"
 
 
-def _tiles_fingerprint(adata: AnnData, info: dict, out_size: int) -> str:
-    h = hashlib.sha1()
+def _tiles_fingerprint(adata: AnnData, info: dict, out_size: int, slide) -> str:
+    """Tile positions, names and size, the output size and the pyramid level the tiles are read from."""
+    h = hashlib.blake2b(digest_size=16)
     h.update(np.ascontiguousarray(adata.obs["x0"].to_numpy(np.float64)).tobytes())
     h.update(np.ascontiguousarray(adata.obs["y0"].to_numpy(np.float64)).tobytes())
     h.update("|".join(map(str, adata.obs_names)).encode())
-    h.update(f"{info.get('tile_size_level0')}|{out_size}|{info.get('slide_id')}".encode())
-    return h.hexdigest()[:16]
+    size0 = float(info.get("tile_size_level0"))
+    level = slide.get_best_level_for_downsample(size0 / out_size)
+    h.update(f"{size0!r}|{out_size}|{info.get('slide_id')}|{level}|{slide.level_downsamples[level]!r}"
+             f"|{slide.mpp!r}".encode())
+    return h.hexdigest()
+
+
+def _slide_fingerprint(slide) -> str:
+    """The slide's identity: file path, size, mtime and a hash of sampled bytes; for in-memory images
+    (SpatialData) the level shapes, dtype, chunks and sampled pixels. Cheap: ~1 MB is read.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{slide.backend}|{slide.level_dimensions!r}|{slide.mpp!r}".encode())
+    path = getattr(slide, "path", None)
+    if path is not None and Path(path).is_file():
+        st = os.stat(path)
+        h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        size, block = st.st_size, _SLIDE_HASH_BLOCK_SIZE
+        offsets = sorted({int(i * max(0, size - block) / (_SLIDE_HASH_BLOCKS - 1)) for i in range(_SLIDE_HASH_BLOCKS)})
+        with open(path, "rb") as f:
+            for off in offsets:
+                f.seek(off)
+                h.update(f.read(block))
+        return h.hexdigest()
+    # In-memory or zarr-backed image: array layout plus five 64 px regions of every level, read in one
+    # synchronous dask pass (each chunk is loaded once).
+    if slide.backend != "spatialdata":  # a file that is gone: its layout is all there is
+        return h.hexdigest()
+    import dask
+
+    from ..io._slide import _element_levels
+
+    parts = []
+    for arr in _element_levels(slide._element):
+        data = arr.data
+        h.update(f"{arr.shape}|{arr.dtype}|{getattr(data, 'chunksize', None)}".encode())
+        hgt, wid = int(arr.sizes["y"]), int(arr.sizes["x"])
+        side = min(64, wid, hgt)
+        for fx, fy in ((0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5)):
+            x, y = int(fx * (wid - side)), int(fy * (hgt - side))
+            parts.append(data[:, y : y + side, x : x + side])
+    for part in dask.compute(*parts, scheduler="synchronous"):
+        h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
+#: module → (state key, fingerprint): the weights are hashed again only after they changed.
+_WEIGHTS_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_fingerprint(enc: Encoder) -> str:
+    """The encoder's name/transform and a hash of every byte of every weight tensor.
+
+    Each tensor's bytes go through CRC-32 (position-sensitive: any changed, swapped or shifted
+    value changes it) and the per-tensor results, names, shapes and dtypes through BLAKE2b. The
+    result is remembered per module together with each tensor's storage pointer and version counter
+    (bumped by every in-place change, ``load_state_dict`` included), so a cohort hashes its encoder
+    once: ~0.1 s for a ResNet-50, ~1-2 s for a ViT-L (300 M parameters) on one busy core.
+    """
+    import torch
+
+    state = enc.module.state_dict(keep_vars=True)
+    key = tuple((k, t.data_ptr(), t._version, tuple(t.shape)) if torch.is_tensor(t) else (k, repr(t))
+                for k, t in state.items())
+    header = f"{enc.name}|{enc.weights}|{enc.dim}|{enc.input_size}|{enc.transform!r}"
+    memo = _WEIGHTS_FINGERPRINTS.get(enc.module)
+    if memo is not None and memo[0] == (header, key):
+        return memo[1]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(header.encode())
+    with torch.no_grad():
+        for k, t in state.items():
+            if not torch.is_tensor(t):
+                h.update(f"{k}|{t!r}".encode())
+                continue
+            flat = t.detach().reshape(-1).cpu().contiguous()
+            crc = zlib.crc32(memoryview(flat.view(torch.uint8).numpy())) if flat.numel() else 0
+            h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|{crc}".encode())
+    digest = h.hexdigest()
+    _WEIGHTS_FINGERPRINTS[enc.module] = ((header, key), digest)
+    return digest
 
 
 def _is_spatialdata(obj) -> bool:
@@ -274,7 +427,8 @@ def extract_features(
         the batch size the cache was created with.
     num_workers
         DataLoader worker processes reading tiles; default ``min(16, cpus - 1)`` on CUDA,
-        ``min(2, cpus - 1)`` on CPU. 0 reads in the main process.
+        ``min(2, cpus - 1)`` on CPU. 0 reads in the main process. Workers are stopped as soon as
+        the loop ends, also on an error or Ctrl-C.
     device
         ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
     precision
@@ -283,8 +437,12 @@ def extract_features(
     key_added
         ``obsm`` key; default ``"X_<encoder name>"``.
     cache
-        Path of a zarr store receiving features batch by batch. If it exists (same tiles, encoder,
-        weights and precision), finished batches are not recomputed: an interrupted run resumes.
+        Path of a zarr store receiving features batch by batch. If it exists and its fingerprints
+        match this run (the slide's path, size, mtime and sampled content; the tile geometry; the
+        encoder and a hash of its weights; the precision), finished batches are not recomputed: an
+        interrupted run resumes. A cache that does not match is cleared and recomputed, with a
+        warning saying what changed. A file lock (``<cache>.lock``) makes a second run on the same
+        cache wait for the first. See ``docs/data_safety.md``.
     table_key
         With SpatialData input: the tiles table (found automatically when there is one).
     progress
@@ -302,8 +460,10 @@ def extract_features(
     Raises
     ------
     ValueError
-        When features contain NaN/inf (the message names the tiles), or the cache was made with
-        other settings.
+        When features contain NaN/inf (the message names the tiles), ``cache`` is a folder that is not a
+        histoexpr feature cache, or ``batch_size``/``num_workers`` are not whole numbers (> 0, ≥ 0).
+    histoexpr.io.SlideError
+        When a tile cannot be decoded (truncated or corrupt slide); the message names the file and region.
 
     Example
     -------
@@ -336,6 +496,11 @@ def extract_features(
 
     from ..models.encoders import TileTransform, get_encoder
 
+    if batch_size is not None:
+        batch_size = check_positive(batch_size, "batch_size", integer=True, hint="It is the tiles per forward pass.")
+    if num_workers is not None:
+        num_workers = check_positive(num_workers, "num_workers", integer=True, allow_zero=True,
+                                     hint="It is the number of DataLoader processes reading tiles (0: none).")
     adata = adata_tiles.copy() if copy else adata_tiles
     info = _tile_info(adata)
     slide = _resolve_slide(slide, info)
@@ -356,21 +521,21 @@ def extract_features(
     amp_dtype = _autocast_dtype(enc.precision, dev)
     effective_precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     enc_info = {**enc.info(), "encoder_precision": effective_precision}
-    if cache is not None:
-        meta = {
-            "fingerprint": f"{_tiles_fingerprint(adata, info, out_size)}-{enc.fingerprint()}-{effective_precision}",
-            "n_tiles": n, "dim": int(enc.dim), **enc_info,
-        }
-        store: _ZarrStore | _MemoryStore = _ZarrStore(cache, n, enc.dim, batch_size, meta)
-    else:
-        store = _MemoryStore(n, enc.dim, batch_size)
-    todo = store.todo_chunks()
-    batches = _chunk_batches(todo, store.chunk, n)
+    with _cache_lock(cache) if cache is not None else contextlib.nullcontext():
+        if cache is not None:
+            fingerprints = {"slide": _slide_fingerprint(slide), "tiles": _tiles_fingerprint(adata, info, out_size, slide),
+                            "encoder": _weights_fingerprint(enc), "precision": effective_precision}
+            meta = {"fingerprints": fingerprints, "n_tiles": n, "dim": int(enc.dim), **enc_info}
+            store: _ZarrStore | _MemoryStore = _ZarrStore(cache, n, enc.dim, batch_size, meta)
+        else:
+            store = _MemoryStore(n, enc.dim, batch_size)
+        todo = store.todo_chunks()
+        batches = _chunk_batches(todo, store.chunk, n)
 
-    if batches:
-        _run_batches(enc, dataset, batches, store, device=dev, num_workers=num_workers, progress=progress,
-                     n_done=n - sum(map(len, batches)), n_total=n, desc=f"{enc.name} features")
-    features = store.read()
+        if batches:
+            _run_batches(enc, dataset, batches, store, device=dev, num_workers=num_workers, progress=progress,
+                         n_done=n - sum(map(len, batches)), n_total=n, desc=f"{enc.name} features")
+        features = store.read()
 
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
@@ -423,9 +588,11 @@ def _run_batches(enc: Encoder, dataset: TileDataset, batches: list[list[int]], s
         bar.update(len(host))
 
     pending = None
+    batches_iter = None
     try:
         with torch.inference_mode(), autocast:
-            for idx, x in loader:
+            batches_iter = iter(loader)
+            for idx, x in batches_iter:
                 x = x.to(device, non_blocking=True)
                 if normalize is not None:
                     x = normalize(x)
@@ -450,6 +617,12 @@ def _run_batches(enc: Encoder, dataset: TileDataset, batches: list[list[int]], s
             if pending is not None:
                 flush(pending)
     finally:
+        # Stop the DataLoader workers now, also on an error or Ctrl-C: otherwise they live on for as long
+        # as the traceback keeps the iterator alive (or, if the main process dies, as orphans).
+        shutdown = getattr(batches_iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        batches_iter = None
         bar.close()
         if home != device:
             enc.module.to(home)  # give the GPU memory back; the module is where the caller had it

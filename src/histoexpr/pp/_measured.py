@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy as _copy
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +17,51 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
 __all__ = ["map_measured_to_tiles"]
+
+#: A tile whose nearest spot is farther than this many pitches (the larger of the tile side and the
+#: spot spacing) is far from the measurements: map_measured_to_tiles warns.
+FAR_SPOT_PITCHES = 1.5
+
+
+def _check_spot_distance(nearest: np.ndarray, tiles: AnnData, spots_xy: np.ndarray, spot_tree,
+                         max_distance: float | None) -> None:
+    """Warn (or raise, with ``max_distance``) when tiles take values from spots far away."""
+    from scipy.spatial import cKDTree
+
+    info = tiles.uns.get(UNS_KEY, {}) if isinstance(tiles.uns.get(UNS_KEY), Mapping) else {}
+    tiles_xy = np.asarray(tiles.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
+    tile_px = float(info.get("tile_size_level0") or 0.0)
+    if not tile_px > 0 and len(tiles_xy) > 1:
+        tile_px = float(np.median(cKDTree(tiles_xy).query(tiles_xy, k=2)[0][:, 1]))
+    spot_px = float(np.median(spot_tree.query(spots_xy, k=2)[0][:, 1])) if len(spots_xy) > 1 else 0.0
+    mpp = info.get("slide_mpp")
+
+    def fmt(px: float) -> str:
+        parts = [f"{px:.0f} px"]
+        if tile_px > 0:
+            parts.append(f"{px / tile_px:.1f} tiles")
+        if mpp:
+            parts.append(f"{px * float(mpp):.0f} µm")
+        return " = ".join(parts)
+
+    if max_distance is not None:
+        limit, rule = float(max_distance), "max_distance"
+    else:
+        limit = FAR_SPOT_PITCHES * max(tile_px, spot_px)
+        rule = f"{FAR_SPOT_PITCHES} × the larger of the tile side and the spot spacing"
+    far = nearest > limit
+    if not limit > 0 or not far.any():
+        return
+    msg = (
+        f"{int(far.sum())} of {len(nearest)} tiles ({far.mean():.0%}) have no measured spot within {fmt(limit)} "
+        f"({rule}): their values come from spots {fmt(float(np.median(nearest[far])))} away (median; farthest "
+        f"{fmt(float(nearest.max()))}). Check that spots and tiles are in level-0 pixels of the same image and "
+        "cover the same tissue; drop those tiles (see obs['nearest_spot_distance'])"
+    )
+    if max_distance is not None:
+        raise ValueError(msg + ", or raise max_distance.")
+    warnings.warn(msg + ", or pass max_distance=np.inf to silence this warning.", UserWarning, stacklevel=3)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,8 +104,12 @@ def map_measured_to_tiles(
     min_unique
         Keep only genes with at least this many unique values on the grid.
     max_distance
-        Optional: raise if some tile's nearest spot is farther than this (pixels), a sign of mismatched
-        coordinate systems.
+        Largest allowed distance (level-0 pixels) from a tile centre to its nearest spot. Given: a
+        tile farther away is an error. Default ``None``: a warning (how many tiles, how far, in tile
+        units and µm) when any tile's nearest spot is more than 1.5 pitches away, the pitch being the
+        larger of the tile side and the median spot-to-spot distance; such tiles take the values of
+        spots that do not cover them (spots and tiles in different coordinates, or spots on part of
+        the tissue only). ``np.inf`` turns the check off.
 
     Returns
     -------
@@ -102,13 +152,10 @@ def map_measured_to_tiles(
             f"tiles (x,y in [{tlo.round(1)}, {thi.round(1)}]) and spots ([{lo.round(1)}, {hi.round(1)}]) do "
             "not overlap: are both in level-0 pixels of the same image? Convert the spot coordinates first."
         )
-    dist, nn = cKDTree(spots_xy).query(tiles_xy, k=k)
+    spot_tree = cKDTree(spots_xy)
+    dist, nn = spot_tree.query(tiles_xy, k=k)
     dist, nn = dist.reshape(len(tiles_xy), k), nn.reshape(len(tiles_xy), k)
-    if max_distance is not None and dist[:, 0].max() > max_distance:
-        raise ValueError(
-            f"{int((dist[:, 0] > max_distance).sum())} tiles have no spot within {max_distance} px "
-            f"(farthest: {dist[:, 0].max():.1f} px): check the coordinate systems."
-        )
+    _check_spot_distance(dist[:, 0], tiles, spots_xy, spot_tree, max_distance)
     src = measured if genes is None else measured[:, [str(g) for g in genes]]
     x = _dense(src.layers[layer] if layer is not None else src.X)
     values = x[nn].mean(axis=1)

@@ -15,7 +15,7 @@ from .._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
-from .._utils import renamed_kwargs
+from .._utils import check_positive, renamed_kwargs
 from ._tissue import TissueMask, detect_tissue
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -390,14 +390,13 @@ def _tile_sequoia(slide, *, rule, tile_size, mpp, max_tiles, seed, tissue, slide
 
 # ---------------------------------------------------------------------------- internals
 def _check_tiling_args(*, tile_size, mpp, tissue_threshold, max_tiles) -> None:
-    if int(tile_size) != tile_size or tile_size < 8:
+    if check_positive(tile_size, "tile_size", integer=True, hint="It is the tile side in pixels (≥ 8).") < 8:
         raise ValueError(f"tile_size must be an integer number of pixels ≥ 8, got {tile_size!r}")
-    if not (mpp and mpp > 0):
-        raise ValueError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
-    if not 0 <= tissue_threshold < 1:
+    check_positive(mpp, "mpp", hint="It is the µm per pixel the tiles are cut at (e.g. 0.5).")
+    if not 0 <= check_positive(tissue_threshold, "tissue_threshold", allow_zero=True) < 1:
         raise ValueError(f"tissue_threshold must be in [0, 1), got {tissue_threshold!r}")
-    if max_tiles is not None and max_tiles < 1:
-        raise ValueError(f"max_tiles must be a positive integer or None, got {max_tiles!r}")
+    if max_tiles is not None:
+        check_positive(max_tiles, "max_tiles", integer=True, hint="Pass None to keep every tile.")
 
 
 def _select_tiles(slide, candidates, x0, y0, side0, filter_low_contrast, max_tiles, seed, n_threads):

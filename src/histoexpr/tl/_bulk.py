@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,14 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_params
-from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key
+from .._utils import (
+    check_finite,
+    check_targets,
+    iter_slides,
+    means_fingerprint,
+    renamed_kwargs,
+    resolve_feature_key,
+)
 from ._runtime import TrainResult, batched_inference, fit, load_models, model_id, model_info, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,15 +91,34 @@ def _tiles_to_inputs(
     obs = adata.obs.copy()
     obs[slide_key] = slide_col
     slide_ids = [sid for sid, _ in slides]
-    cached = {}
+    cached, cached_fp = {}, {}
     stored = adata.uns.get(cluster_key)
     if isinstance(stored, Mapping) and isinstance(stored.get("means"), Mapping):
-        params = stored.get("params", {}) if isinstance(stored.get("params"), Mapping) else {}
-        if params.get("use_rep", rep) == rep:  # means of other features are not reused
-            cached = stored["means"]
+        cached = stored["means"]
+        cached_fp = stored.get("fingerprints") if isinstance(stored.get("fingerprints"), Mapping) else {}
     inputs = []
     for sid, mask in slides:
         means = cached.get(sid) if isinstance(cached, Mapping) else None
+        if means is not None and cached_fp.get(sid) is None:
+            warnings.warn(
+                f"using the cluster means in uns[{cluster_key!r}]['means'][{sid!r}] as given: they carry no "
+                "fingerprint, so whether they belong to these tiles and features cannot be checked. Delete them "
+                "to have them recomputed, or make them with pp.cluster_features.",
+                UserWarning,
+                stacklevel=4,
+            )
+        elif means is not None and cached_fp[sid] != means_fingerprint(
+            feats[mask], adata.obs_names[mask], use_rep=rep, n_clusters=n_clusters, random_state=random_state
+        ):
+            # computed from other tiles, other features or other k-means settings: stale
+            warnings.warn(
+                f"uns[{cluster_key!r}]['means'][{sid!r}] was computed from other tiles, features or k-means "
+                f"settings than obsm[{rep!r}] and this call; the cluster means are recomputed (run "
+                f"pp.cluster_features again to update uns[{cluster_key!r}]).",
+                UserWarning,
+                stacklevel=4,
+            )
+            means = None
         if means is not None and np.shape(means) == (n_clusters, feats.shape[1]):
             means = np.asarray(means, dtype=np.float32)
             check_finite(means, what=f"cluster means of slide {sid!r} in uns[{cluster_key!r}]")
@@ -189,7 +216,9 @@ def predict_bulk(
         ``obsm["X_<encoder>"]``; a list of such AnnData; or an array ``(n_slides, K, D)`` of
         cluster-mean features. Tiles are clustered per slide with K-means (K = the model's
         ``num_clusters``) unless ``uns[cluster_key]["means"][slide_id]`` already holds the means
-        (written by :func:`histoexpr.pp.cluster_features`).
+        (written by :func:`histoexpr.pp.cluster_features`) and their fingerprint still matches the
+        slide's tiles, features and K-means settings; stale means are recomputed with a warning, and
+        means without a fingerprint (placed by hand) are used with a warning.
     model
         A :class:`~histoexpr.models.Sequoia` (or any ``nn.Module`` mapping (B, K, D) -> (B, G)),
         a checkpoint directory, ``"hf-hub:gevaertlab/sequoia-brca-0"``, or a list of those
@@ -521,6 +550,7 @@ def train_bulk(
     import torch
     from anndata import AnnData
 
+    check_targets(Y)  # a NaN target would make the whole model NaN
     dev = resolve_device(device)
     units = units or "unknown"
     x = np.asarray(X.detach().cpu().numpy() if hasattr(X, "detach") else X, dtype=np.float32)

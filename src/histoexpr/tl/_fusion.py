@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import sparse
 
 from .._docs import doc_params
-from .._utils import renamed_kwargs
+from .._utils import check_targets, renamed_kwargs
 from ..pp._xenium import core_counts, open_crop_slide, xenium_crop_images
 from ._runtime import Patience, TrainResult, autocast, batched_inference, fit, load_models, resolve_device
 
@@ -353,6 +353,7 @@ def train_fusion(
     from ..models.fusion import MinMAEBaseline
 
     model = _unwrap(model)  # a checkpoint directory (fine-tuning) or an earlier TrainResult
+    check_targets(crops, what="crop targets (crops.X)")  # a NaN target would make the whole model NaN
     info = _crop_info(crops)
     _check_panels(model, info)
     if split is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy as _copy
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
 from .._docs import doc_params
-from .._utils import check_finite, iter_slides, renamed_kwargs, resolve_feature_key, warn
+from .._utils import check_finite, check_targets, iter_slides, renamed_kwargs, resolve_feature_key, warn
 from .._utils import dense as _dense
 from .._utils import grid_coords as _grid_coords
 from ._runtime import (
@@ -631,7 +632,6 @@ def _write_to_sdata(pred: AnnData, sdata, *, table_key: str, region: str | None,
 
 def map_measured_to_tiles(*args: Any, **kwargs: Any) -> AnnData:
     """Moved to :func:`histoexpr.pp.map_measured_to_tiles`; this alias warns and calls it, for one release."""
-    import warnings
 
     warnings.warn("histoexpr.tl.map_measured_to_tiles moved to histoexpr.pp.map_measured_to_tiles",
                   DeprecationWarning, stacklevel=2)
@@ -803,6 +803,7 @@ def train_spatial(
 
     from ..models.histoprism import HistoPrism
 
+    check_targets(adatas, layer=layer, genes=genes)  # a NaN target would make the whole model NaN
     slides = _as_slide_dict(adatas)
     train = list(slides) if train is None else [str(s) for s in train]
     val = [] if val is None else [str(s) for s in val]
