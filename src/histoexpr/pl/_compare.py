@@ -164,11 +164,13 @@ def spatial_compare(
     polys = _tile_polygons(geo.centres, geo.side)
     lo, hi = polys.reshape(-1, 2).min(0), polys.reshape(-1, 2).max(0)
     pad = geo.side
-    aspect = (hi[0] - lo[0] + 2 * pad) / (hi[1] - lo[1] + 2 * pad)
-    width = float(np.clip(panel_size * aspect, 2.2, 2 * panel_size))  # room for the titles
-    height = width / aspect if panel_size * aspect < 2.2 else panel_size
-    height = min(height, 2 * panel_size)
-    fig = plt.figure(figsize=(2 * width + (1.0 if per_row else 0.9), (height + 0.65) * n), layout="constrained")
+    aspect = (hi[0] - lo[0] + 2 * pad) / (hi[1] - lo[1] + 2 * pad)  # width / height of a map
+    # panel_size is a map's longer side; maps narrower than 2 in are scaled up to leave room for titles
+    w, h = (panel_size * aspect, panel_size) if aspect < 1 else (panel_size, panel_size / aspect)
+    if w < 2.0:
+        w, h = 2.0, 2.0 / aspect
+    cbar_w = 1.0
+    fig = plt.figure(figsize=(2 * w + cbar_w + 0.2, n * (h + 0.55) + 0.15), layout="constrained")
     axes = fig.subplots(n, 2, squeeze=False)
     mappable = None
     for i, label in enumerate(labels):
@@ -214,7 +216,8 @@ def spatial_compare(
         if per_row:
             fig.colorbar(mappable, ax=axes[i, :].tolist(), shrink=0.8, label=unit, aspect=15)
     if not per_row:
-        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=min(0.8, 0.35 + 0.15 * n), label=unit, aspect=20)
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=min(0.8, 0.4 + 0.1 * n), label=unit,
+                     aspect=12 + 8 * n)
     return fig
 
 

@@ -110,6 +110,7 @@ def explore(
         HoverTool,
         NumberFormatter,
         Range1d,
+        ScientificFormatter,
         Select,
         TableColumn,
     )
@@ -236,16 +237,21 @@ def explore(
     search = AutocompleteInput(title="search", completions=labels, placeholder="type a gene name",
                                case_sensitive=False, search_strategy="includes", name="gene_search", width=260)
     columns = []
+    gene_width = int(np.clip(7.5 * max(len(lab) for lab in labels) + 16, 80, 260))
     for c in table.columns:
+        name = str(c)
         if pd.api.types.is_numeric_dtype(table[c]):
-            columns.append(TableColumn(field=str(c), title=str(c), formatter=NumberFormatter(format="0.000")))
+            is_p = name == "p" or name.startswith(("p_", "pval")) or name.endswith(("_p", "_pval"))
+            fmt = ScientificFormatter(precision=2) if is_p else NumberFormatter(format="0.000")
+            columns.append(TableColumn(field=name, title=name, formatter=fmt, width=90))
         else:
-            columns.append(TableColumn(field=str(c), title=str(c)))
+            columns.append(TableColumn(field=name, title=name, width=gene_width if name == "gene" else 160))
     table_data = {str(c): (table[c].astype(float).to_numpy() if pd.api.types.is_numeric_dtype(table[c])
                            else table[c].fillna("").astype(str).tolist()) for c in table.columns}
     table_data["_gene_id"] = list(genes)
     table_src = ColumnDataSource(table_data, name="metrics")
-    data_table = DataTable(source=table_src, columns=columns, sortable=True, selectable=True, width=520,
+    data_table = DataTable(source=table_src, columns=columns, sortable=True, selectable=True,
+                           width=max(width * len(panels), sum(c.width for c in columns) + 20),
                            height=min(600, 28 + 25 * len(genes)), name="metrics_table", index_position=None)
 
     label_of = dict(zip(genes, labels))
