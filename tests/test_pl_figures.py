@@ -166,3 +166,12 @@ def test_explore_writes_self_contained_html(mob, tmp_path):
     assert only_pred.stat().st_size > 100_000
     with pytest.raises(KeyError):
         hx.pl.explore(pred, truth, genes=["nope"], path=tmp_path / "x.html")
+
+
+def test_library_never_selects_a_backend():
+    from pathlib import Path
+
+    src = Path(hx.__file__).parent
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if "matplotlib.use(" in p.read_text() or "plt.show(" in p.read_text()]
+    assert offenders == []
