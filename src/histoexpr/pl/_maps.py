@@ -73,8 +73,9 @@ def geometry(tiles, *, library_id: str | None = None, slide: str | None = None, 
             scale = float(scalefactors.get(f"tissue_{img_key}_scalef", 1.0))
         if level0_mpp is None:
             level0_mpp = entry.get("metadata", {}).get("mpp") if isinstance(entry.get("metadata"), Mapping) else None
-    if side is None:
-        side = _grid_pitch(centres)
+    pitch = _grid_pitch(centres)
+    # overlapping tiles (stride < tile size) are drawn at the grid pitch so they do not cover each other
+    side = pitch if side is None else min(side, pitch)
     um_per_px = float(level0_mpp) / scale if level0_mpp else None
     return MapGeometry(centres * scale, side * scale, image, um_per_px)
 
