@@ -50,10 +50,10 @@ def test_spatial_compare_structure(maps):
     emd = hx.metrics.emd(pred, truth, genes=genes, n_jobs=1)
     for i, g in enumerate(genes):
         title = panels[2 * i].get_title()
-        assert g in title and "PCC=" in title and "EMD=" in title
-        assert f"EMD={emd.loc[g, 'emd']:.3f}" in title
+        assert g in title and "r = " in title and "EMD = " in title and "tiles" in title
+        assert f"EMD = {emd.loc[g, 'emd']:.2f}" in title
         if r is not None:
-            assert f"PCC={float(np.asarray(r)[i]):.2f}" in title
+            assert f"r = {float(np.asarray(r)[i]):.2f}" in title
         assert "measured" in panels[2 * i + 1].get_title()
     # thumbnail drawn under the tiles, squares coloured by percentile 0-100
     images = panels[0].get_images()
@@ -124,6 +124,6 @@ def test_module_correlation_plot():
     assert len(heat) == 1
     np.testing.assert_allclose(np.asarray(heat[0]).ravel(), res.corr.to_numpy().ravel())
     legend = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None][0]
-    assert {t.get_text() for t in legend.get_texts()} == {"M1", "M2", "M3"}
+    assert {t.get_text() for t in legend.get_texts()} == {"M1 (6)", "M2 (5)", "M3 (4)"}
     fig2 = hx.pl.module_correlation(slides, modules=modules)
     assert isinstance(fig2, plt.Figure)

@@ -68,12 +68,21 @@ def _write_spatialdata(path: Path, slide, tiles, predictions) -> None:
     hx.io.add_table(sdata, predictions, name="histoprism_predictions", region=shapes_key)
 
 
+def comparison_figure(pred, truth, per_gene: pd.DataFrame, *, n: int = 3, model: str = "histoprism"):
+    """The demo's ``spatial_compare.png``: the ``n`` best-predicted genes, metrics taken from ``per_gene``."""
+    best = list(per_gene[f"r_{model}"].sort_values(ascending=False).index[:n])
+    metrics = per_gene.rename(columns={f"r_{model}": "r", f"emd_{model}": "emd"})
+    symbols = "symbol" if "symbol" in pred.var.columns else None
+    return hx.pl.spatial_compare(pred, truth, best, emd=metrics, r=metrics, gene_symbols=symbols)
+
+
 def run(out: str | Path = "demo_output", *, encoder: str = "hed_stats", weights: str | None = None,
         n_genes: int = 100, epochs: int = 2000, seed: int = 0) -> dict:
-    """Run the demo and return its summary (also written to ``<out>/summary.json``)."""
-    import matplotlib
+    """Run the demo and return its summary (also written to ``<out>/summary.json``).
 
-    matplotlib.use("Agg")
+    The figures are drawn with whatever matplotlib backend is active (``nox -s demo`` sets
+    ``MPLBACKEND=Agg``); the demo never selects one.
+    """
     import anndata as ad
     import matplotlib.pyplot as plt
 
@@ -131,10 +140,13 @@ def run(out: str | Path = "demo_output", *, encoder: str = "hed_stats", weights:
     agreement = hx.metrics.cluster_agreement(truth.obs["leiden_measured"], pred_panel.obs["leiden_predicted"])
 
     # plots
-    best = list(per_gene["r_histoprism"].sort_values(ascending=False).index[:3])
-    fig = hx.pl.spatial_compare(pred_panel, truth, best)
-    fig.savefig(out / "spatial_compare.png", dpi=100, bbox_inches="tight")
+    fig = comparison_figure(pred_panel, truth, per_gene)
+    fig.savefig(out / "spatial_compare.png", dpi=100)
     plt.close(fig)
+    explorer_metrics = per_gene.rename(columns={"r_histoprism": "r", "emd_histoprism": "emd"})
+    explorer_metrics = explorer_metrics[["r", "p_histoprism", "emd", "r_ridge"]].sort_values("r", ascending=False)
+    hx.pl.explore(pred_panel, truth, metrics=explorer_metrics, path=out / "explorer.html",
+                  title="histoexpr demo: mouse olfactory bulb, held-out stripe")
     ax = hx.pl.gene_correlations({"HistoPrism": (r_model, p_model), "ridge probe": (r_ridge, p_ridge)})
     ax.figure.savefig(out / "gene_correlations.png", dpi=100, bbox_inches="tight")
     plt.close(ax.figure)

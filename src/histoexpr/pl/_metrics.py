@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 _R_COLUMNS = ("r", "pearson_r", "pearson", "pcc", "correlation", "spearman_r", "rho")
 _P_COLUMNS = ("p", "pval", "pvalue", "p_value", "pearson_p", "pearson_pval", "pearson_pvalue", "spearman_p")
@@ -56,7 +61,7 @@ def gene_correlations(
     kind: str = "violin",
     ax=None,
     palette: str = "Set2",
-):
+) -> Axes:
     """Distribution of per-gene correlations, with the number of significant genes per group.
 
     Parameters
@@ -77,7 +82,8 @@ def gene_correlations(
 
     Returns
     -------
-    :class:`matplotlib.axes.Axes`. Each group's label reads ``"<label>\\nn=<genes>, sig=<k>"``.
+    :class:`matplotlib.axes.Axes`
+        Single panel. Each group's label reads ``"<label>\\nn=<genes>, sig=<k>"``.
 
     Example
     -------
@@ -117,7 +123,7 @@ def gene_correlations(
     return ax
 
 
-def pathway_coherence(result: pd.DataFrame, *, top: int = 20, show_slides: bool = True, ax=None):
+def pathway_coherence(result: pd.DataFrame, *, top: int = 20, show_slides: bool = True, ax=None) -> Axes:
     """Bar chart of Gene Pathway Coherence (output of :func:`histoexpr.metrics.pathway_coherence`).
 
     Parameters
@@ -133,7 +139,8 @@ def pathway_coherence(result: pd.DataFrame, *, top: int = 20, show_slides: bool 
 
     Returns
     -------
-    :class:`matplotlib.axes.Axes` with one bar per pathway.
+    :class:`matplotlib.axes.Axes`
+        Single panel with one bar per pathway.
 
     Example
     -------
@@ -161,16 +168,34 @@ def pathway_coherence(result: pd.DataFrame, *, top: int = 20, show_slides: bool 
     return ax
 
 
+def _primary_module(module: pd.Series) -> pd.Series:
+    """One module per gene: of the modules a gene is in, the one with most genes here (ties: first listed)."""
+    members = module.astype(str).str.split("|")
+    size: dict[str, int] = {}
+    for names in members:
+        for n in names:
+            size[n] = size.get(n, 0) + 1
+    return members.map(lambda names: max(names, key=lambda n: (size[n], -names.index(n)))).rename("module")
+
+
 def module_correlation(
     result,
     *,
     modules=None,
+    overlap: str = "primary",
     cmap: str = "RdBu_r",
-    palette: str = "tab10",
+    palette: str = "tab20",
     show_gene_labels: bool | None = None,
+    max_membership: int = 12,
     figsize: tuple[float, float] = (8, 8),
-):
-    """Clustered heatmap of module-gene co-expression (SEQUOIA Fig. 5d).
+) -> Figure:
+    """Heatmap of module-gene co-expression in clustering order (SEQUOIA Fig. 5d).
+
+    Genes can belong to several sets (Hallmark sets overlap). They are never shown as combined
+    labels such as ``"A|B|C"``: with ``overlap="primary"`` each gene gets ONE module, the largest
+    of its modules among the plotted genes (ties: the one listed first), in a single colour bar
+    and a legend of at most one entry per module; with ``overlap="membership"`` one side bar per
+    module (the ``max_membership`` largest) marks every gene that belongs to it.
 
     Parameters
     ----------
@@ -179,19 +204,24 @@ def module_correlation(
         computed with ``modules``).
     modules
         Modules when ``result`` is data (default ``"neftel_meta"``).
+    overlap
+        ``"primary"`` or ``"membership"`` (see above).
     cmap
         Colour map of the correlations (fixed to -1…1).
     palette
-        Colours of the module bars.
+        Colours of the modules.
     show_gene_labels
         Gene names on the axes (default: when ≤ 80 genes).
+    max_membership
+        Most module bars drawn with ``overlap="membership"``.
     figsize
         Figure size in inches.
 
     Returns
     -------
-    :class:`matplotlib.figure.Figure` (a seaborn clustermap's figure; the heatmap is ``fig.axes[...]``
-    with the module colour bars and a legend).
+    :class:`matplotlib.figure.Figure`
+        Multi-panel figure (a seaborn clustermap's): the heatmap, the module bar(s), the colour bar
+        and the module legend. The primary module of each gene is in ``fig.histoexpr_modules``.
 
     Example
     -------
@@ -203,18 +233,31 @@ def module_correlation(
 
     from ..metrics._modules import ModuleCoexpression, module_coexpression
 
+    if overlap not in ("primary", "membership"):
+        raise ValueError(f"overlap must be 'primary' or 'membership', got {overlap!r}.")
     if not isinstance(result, ModuleCoexpression):
         result = module_coexpression(result, modules=modules or "neftel_meta")
-    names = list(dict.fromkeys(result.module))
-    colors = dict(zip(names, sns.color_palette(palette, len(names))))
-    row_colors = result.module.map(colors).rename("module")
+    primary = _primary_module(result.module)
+    members = result.module.astype(str).str.split("|")
+    counts = pd.Series([n for names in members for n in names]).value_counts(sort=False)
+    first_seen = list(dict.fromkeys(n for names in members for n in names))
+    names = sorted(first_seen, key=lambda n: (-counts[n], first_seen.index(n)))
+    colour_list = sns.color_palette(palette, max(len(names), 1))
+    colors = {n: colour_list[i % len(colour_list)] for i, n in enumerate(names)}
+    if overlap == "primary":
+        side = primary.map(colors).rename("module")
+        shown = [n for n in names if (primary == n).any()]
+    else:
+        shown = names[:max_membership]
+        side = pd.DataFrame({n: [colors[n] if n in m else (1.0, 1.0, 1.0) for m in members] for n in shown},
+                            index=result.module.index)
     labels = show_gene_labels if show_gene_labels is not None else len(result.order) <= 80
     grid = sns.clustermap(
         result.corr,
         row_cluster=False,
         col_cluster=False,
-        row_colors=row_colors,
-        col_colors=row_colors,
+        row_colors=side,
+        col_colors=side if overlap == "primary" else None,
         cmap=cmap,
         vmin=-1,
         vmax=1,
@@ -225,8 +268,16 @@ def module_correlation(
     )
     grid.ax_heatmap.set_xlabel("")
     grid.ax_heatmap.set_ylabel("")
-    handles = [Patch(color=colors[n], label=n) for n in names]
-    grid.ax_heatmap.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    handles = [Patch(color=colors[n], label=f"{n} ({int((primary == n).sum()) if overlap == 'primary' else int(counts[n])})")
+               for n in shown]
+    n_multi = int((members.str.len() > 1).sum())
+    title = "module (genes)"
+    if n_multi:
+        title += f"\n{n_multi} genes in several sets: " + ("coloured by their largest set" if overlap == "primary"
+                                                           else "marked in each set's bar")
+    grid.ax_heatmap.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7,
+                           frameon=False, title=title, title_fontsize=7, ncol=1 if len(handles) <= 25 else 2)
     fig = grid.figure
+    fig.histoexpr_modules = primary
     plt.figure(fig.number)  # keep pyplot's current figure consistent for notebooks
     return fig

@@ -24,7 +24,7 @@ def kaplan_meier(
     xlabel: str = "time",
     ylabel: str = "survival probability",
     title: str | None = None,
-):
+) -> Any:
     """Kaplan–Meier curves per group, with the log-rank p-value in the title or legend.
 
     Parameters
@@ -45,7 +45,8 @@ def kaplan_meier(
 
     Returns
     -------
-    The matplotlib ``Axes``.
+    :class:`matplotlib.axes.Axes`
+        Single panel with one curve per group.
 
     Example
     -------
