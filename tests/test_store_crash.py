@@ -321,3 +321,31 @@ def test_recover_store_removes_unjournaled_staging(stores, tmp_path):
     assert report["rolled_back"] == ["0123"]
     assert not (store / _store.STAGING_DIR).exists()
     assert hash_elements(store) == before
+
+
+def test_tile_into_store_key_added_and_overwrite(stores, tmp_path):
+    """pp.tile(sdata) refuses existing names unless overwrite=True, and writes under key_added."""
+    import spatialdata as sd
+
+    store = copy_writable(stores["v2"], tmp_path / "s.zarr")
+    with warnings.catch_warnings():
+        _quiet()
+        sdata = sd.read_zarr(store, selection=("images", "shapes", "tables"))
+        kw = {"image_key": "he_image", "tile_size": 64, "mpp": 1.0, "filter_low_contrast": False}
+        tiles = hx.pp.tile(sdata, **kw)
+        before = hash_elements(store)
+        with pytest.raises(ValueError, match="overwrite=True"):
+            hx.pp.tile(sdata, **kw)
+        assert hash_elements(store) == before
+        other = hx.pp.tile(sdata, key_added="my_tiles", **kw)
+        assert other.uns["histoexpr"]["shapes_key"] == "my_tiles"
+        assert other.uns["histoexpr"]["table_key"] == "my_tiles_table"
+        hx.pp.tile(sdata, overwrite=True, max_tiles=3, **kw)
+        back = sd.read_zarr(store, selection=("shapes", "tables"))
+    assert len(back.shapes["he_image_tiles"]) == 3 and back.tables["he_image_tiles_table"].n_obs == 3
+    assert len(back.shapes["my_tiles"]) == tiles.n_obs
+    assert back.tables["my_tiles_table"].uns["spatialdata_attrs"]["region"] == "my_tiles"
+    after = hash_elements(store)
+    replaced = ("shapes/he_image_tiles", "tables/he_image_tiles_table")
+    assert all(after[k] == v for k, v in before.items() if k not in replaced)
+    assert not (store / _store.STAGING_DIR).exists()

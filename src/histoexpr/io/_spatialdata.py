@@ -89,6 +89,7 @@ def add_tiles_to_spatialdata(
     image_key = _resolve_image_key(sdata, image_key)
     shapes_key = shapes_key or f"{image_key}_tiles"
     table_key = table_key or f"{image_key}_tiles_table"
+    _check_free(sdata, [shapes_key, table_key], overwrite=overwrite)  # before writing either element
     transformations = get_transformation(sdata.images[image_key], get_all=True)
     shapes = ShapesModel.parse(tiles_to_shapes(adata), transformations=dict(transformations))
     _put(sdata, shapes_key, shapes, overwrite=overwrite)
@@ -199,10 +200,21 @@ def _check_writable(root: Path) -> None:
     check_writable(root)
 
 
+def _check_free(sdata, names: list[str], *, overwrite: bool) -> None:
+    """Raise unless ``overwrite`` when any of ``names`` is already an element (in memory or in the store)."""
+    if overwrite:
+        return
+    taken = _all_element_names(sdata) | _names_on_disk(sdata)
+    for name in names:
+        if name in taken:
+            raise ValueError(
+                f"element {name!r} already exists in this SpatialData; pass overwrite=True to replace it "
+                "(or key_added= to write under another name)"
+            )
+
+
 def _put(sdata, name: str, element: Any, *, overwrite: bool) -> None:
-    exists = name in _all_element_names(sdata) or name in _names_on_disk(sdata)
-    if exists and not overwrite:
-        raise ValueError(f"element {name!r} already exists in this SpatialData; pass overwrite=True to replace it")
+    _check_free(sdata, [name], overwrite=overwrite)
     previous = sdata.get(name)
     sdata[name] = element
     try:
