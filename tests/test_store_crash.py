@@ -93,7 +93,8 @@ def _run_worker(store: Path, mode: str, *, env: dict | None = None, kill_after: 
     return proc.returncode, out, err
 
 
-def _check_after_crash(store: Path, mode: str, before: dict, exclude: tuple[str, ...]) -> dict:
+def _check_after_crash(store: Path, mode: str, before: dict, exclude: tuple[str, ...], *,
+                       gap: bool = False) -> dict:
     """The checks every trial must pass; returns what the store held before/after recovery."""
     import spatialdata as sd
 
@@ -109,7 +110,9 @@ def _check_after_crash(store: Path, mode: str, before: dict, exclude: tuple[str,
     after = hash_elements(store, exclude=exclude)
     assert {k: before[k] for k in before} == {k: after.get(k) for k in before}
     if mode == "overwrite_table":
-        assert plain in ("v1", "v2") and recovered in ("v1", "v2")
+        # ``gap``: the two-rename fallback killed between its renames; documented: the name is missing
+        # for a plain read until recovery puts the new version in place
+        assert plain in (("v1", "v2", "absent") if gap else ("v1", "v2")) and recovered in ("v1", "v2")
     else:
         assert plain in ("absent", "v2") and recovered in ("absent", "v2")
     return {"plain": plain, "recovered": recovered, "report": report}
@@ -127,7 +130,8 @@ def _trial(stores, tmp_path, fmt, mode, *, step=None, kill_after=None, env=None)
         assert rc == -signal.SIGKILL, f"the writer was not killed at {step!r} (rc={rc}): {err[-2000:]}"
     else:
         assert rc in (0, -signal.SIGKILL), err[-2000:]
-    result = _check_after_crash(store, mode, before, exclude=(element,))
+    gap = step == "old_aside" and env.get(_store.NO_EXCHANGE_ENV) == "1"
+    result = _check_after_crash(store, mode, before, exclude=(element,), gap=gap)
     result["killed"] = rc == -signal.SIGKILL
     shutil.rmtree(store)
     return result
