@@ -353,3 +353,47 @@ def test_tile_into_store_key_added_and_overwrite(stores, tmp_path):
     replaced = ("shapes/he_image_tiles", "tables/he_image_tiles_table")
     assert all(after[k] == v for k, v in before.items() if k not in replaced)
     assert not (store / _store.STAGING_DIR).exists()
+
+
+def test_new_table_into_store_without_tables_group(stores, tmp_path):
+    """The whole ``tables`` group is renamed in when the store has none."""
+    import spatialdata as sd
+
+    store = copy_writable(stores["v2"], tmp_path / "s.zarr")
+    with warnings.catch_warnings():
+        _quiet()
+        sdata = sd.read_zarr(store, selection=("shapes", "tables"))
+        table = make_table(sdata, 2)
+        del sdata.tables["table"]
+        shutil.rmtree(store / "tables")
+        before = hash_elements(store)
+        hx.io.add_table(sdata, table, name=TABLE, region="cell_boundaries", instance_key="cell_id")
+        back = sd.read_zarr(store, selection=("tables",))
+    assert list(back.tables) == [TABLE]
+    assert np.array_equal(back.tables[TABLE].X.toarray(), table.X.toarray())
+    assert hash_elements(store, exclude=(f"tables/{TABLE}",)) == before
+
+
+def test_concurrent_writers_are_serialised(stores, tmp_path):
+    """Two writers on one store at once: both elements arrive whole, consolidated metadata lists both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import spatialdata as sd
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(stores["v3"], store)
+    with warnings.catch_warnings():
+        _quiet()
+        sdatas = [sd.read_zarr(store, selection=("shapes", "tables")) for _ in range(2)]
+        tables = [make_table(s, 2) for s in sdatas]
+
+        def go(i):
+            hx.io.add_table(sdatas[i], tables[i], name=f"{TABLE}{i}", region="cell_boundaries", instance_key="cell_id")
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(go, range(2)))
+        back = sd.read_zarr(store, selection=("tables",))
+    assert {f"{TABLE}0", f"{TABLE}1"} <= set(back.tables)
+    meta = json.loads((store / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    assert f"tables/{TABLE}0" in meta and f"tables/{TABLE}1" in meta
+    assert not (store / _store.STAGING_DIR).exists()
