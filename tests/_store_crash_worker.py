@@ -107,10 +107,13 @@ def written_state(root: Path, mode: str, sdata=None) -> str:
 if __name__ == "__main__":
     warnings.simplefilter("ignore")
     store_, mode_ = sys.argv[1], sys.argv[2]
+    import time
+
     import spatialdata  # noqa: F401  (imports first: a timed kill should land in the write)
 
     import histoexpr.io  # noqa: F401
 
     print("READY", flush=True)
+    t0 = time.perf_counter()
     write(store_, mode_)
-    print("DONE", flush=True)
+    print(f"DONE {time.perf_counter() - t0:.3f}", flush=True)

@@ -46,7 +46,7 @@ MODES = ("new_table", "overwrite_table", "new_image")
 STEPS = ("begin", "stage_root", "staged", "journaled", "renamed", "committed", "consolidated", "cleaned")
 #: steps of an overwrite (atomic exchange), and of the fallback (move the old aside, then rename)
 OVERWRITE_STEPS = ("begin", "stage_root", "staged", "journaled", "exchanged", "committed", "consolidated", "cleaned")
-FALLBACK_STEPS = ("old_aside", "renamed")
+FALLBACK_STEPS = ("unlisted", "old_aside", "renamed")
 #: where trial counts are recorded (read by docs/data_safety.md's numbers)
 COUNTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "store_crash_trials.json"
 
@@ -130,7 +130,7 @@ def _trial(stores, tmp_path, fmt, mode, *, step=None, kill_after=None, env=None)
         assert rc == -signal.SIGKILL, f"the writer was not killed at {step!r} (rc={rc}): {err[-2000:]}"
     else:
         assert rc in (0, -signal.SIGKILL), err[-2000:]
-    gap = step == "old_aside" and env.get(_store.NO_EXCHANGE_ENV) == "1"
+    gap = step in ("unlisted", "old_aside") and env.get(_store.NO_EXCHANGE_ENV) == "1"
     result = _check_after_crash(store, mode, before, exclude=(element,), gap=gap)
     result["killed"] = rc == -signal.SIGKILL
     shutil.rmtree(store)
@@ -173,14 +173,13 @@ def test_kill_at_every_step(stores, tmp_path, fmt, mode):
 @pytest.mark.parametrize("fmt", ["v2", "v3"])
 @pytest.mark.parametrize("mode", MODES)
 def test_kill_at_random_times(stores, tmp_path, fmt, mode):
-    # how long the write takes after the imports, then kills spread over that time
+    # how long the write takes after the imports (read + write), then kills spread over that time
     store = _prepare(stores, fmt, mode, tmp_path / "timing.zarr")
-    t0 = time.perf_counter()
-    rc, _, err = _run_worker(store, mode)
+    rc, out, err = _run_worker(store, mode)
     assert rc == 0, err[-2000:]
-    total = time.perf_counter() - t0
+    write_time = float(out.split("DONE")[1].split()[0])
     shutil.rmtree(store)
-    delays = np.linspace(0.3, 1.0, 3) * max(total - 3.0, 0.5)  # the imports take the first ~3 s
+    delays = np.array([0.25, 0.5, 0.75, 0.9]) * write_time
     results = [_trial(stores, tmp_path, fmt, mode, kill_after=float(d)) for d in delays]
     _record(f"kill_at_random_time/{fmt}/{mode}", results)
 
@@ -397,3 +396,22 @@ def test_concurrent_writers_are_serialised(stores, tmp_path):
     meta = json.loads((store / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
     assert f"tables/{TABLE}0" in meta and f"tables/{TABLE}1" in meta
     assert not (store / _store.STAGING_DIR).exists()
+
+
+@pytest.mark.parametrize("fmt", ["v2", "v3"])
+def test_unlisted_element_is_skipped_by_readers(stores, tmp_path, fmt):
+    """The fallback overwrite first unlists the element from consolidated metadata (v2 .zmetadata too)."""
+    import spatialdata as sd
+    import zarr
+
+    store = copy_writable(stores[fmt], tmp_path / "s.zarr")
+    with warnings.catch_warnings():
+        _quiet()
+        if fmt == "v2":
+            zarr.consolidate_metadata(str(store))  # a consolidated zarr v2 store
+        assert _store.store_info(store).consolidated
+        _store._unlist_from_consolidated(store, "tables/table")
+        shutil.rmtree(store / "tables" / "table")  # what the fallback does next: move it aside
+        back = sd.read_zarr(store, selection=("shapes", "tables"))
+        assert "table" not in back.tables and len(back.shapes) == 3
+        hx.io.recover_store(store)

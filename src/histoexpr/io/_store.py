@@ -187,9 +187,9 @@ def _fsync_tree(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # removed by recovery if left behind
     with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
+        json.dump(data, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -379,6 +379,9 @@ def _commit(root: Path, journal: dict) -> str:
             _fsync_dir(dst.parent)
             _crash_point("exchanged")
             return "exchanged"
+        # readers of a consolidated store must not find the name listed while it is missing
+        _unlist_from_consolidated(root, journal["dst"])
+        _crash_point("unlisted")
         os.rename(dst, aside)
         _fsync_dir(dst.parent)
         _crash_point("old_aside")
@@ -387,6 +390,23 @@ def _commit(root: Path, journal: dict) -> str:
     _fsync_dir(src.parent)
     _crash_point("renamed")
     return "renamed"
+
+
+def _unlist_from_consolidated(root: Path, element_path: str) -> None:
+    """Remove one element from the store's consolidated metadata (if any), so readers skip it."""
+    try:
+        info = store_info(root)
+    except StoreFormatError:
+        return
+    if not info.consolidated:
+        return
+    prefix = element_path.strip("/")
+    meta_file = info.metadata_files[0]
+    meta = _read_json(meta_file)
+    entries = meta["consolidated_metadata"]["metadata"] if info.zarr_format == 3 else meta["metadata"]
+    for key in [k for k in entries if k == prefix or k.startswith(prefix + "/")]:
+        del entries[key]
+    _write_json_atomic(meta_file, meta)
 
 
 def _consolidate(root: Path) -> None:
