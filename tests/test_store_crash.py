@@ -130,7 +130,7 @@ def _trial(stores, tmp_path, fmt, mode, *, step=None, kill_after=None, env=None)
         assert rc == -signal.SIGKILL, f"the writer was not killed at {step!r} (rc={rc}): {err[-2000:]}"
     else:
         assert rc in (0, -signal.SIGKILL), err[-2000:]
-    gap = step in ("unlisted", "old_aside") and env.get(_store.NO_EXCHANGE_ENV) == "1"
+    gap = step in FALLBACK_STEPS and env.get(_store.NO_EXCHANGE_ENV) == "1"
     result = _check_after_crash(store, mode, before, exclude=(element,), gap=gap)
     result["killed"] = rc == -signal.SIGKILL
     shutil.rmtree(store)
