@@ -483,8 +483,10 @@ def recover_store(path: str | os.PathLike) -> dict:
 
     Returns
     -------
-    A report: ``{"store", "rolled_forward": [elements], "rolled_back": [elements or transaction ids],
-    "removed": [paths], "reconsolidated": bool}``; all lists empty when there was nothing to do.
+    A dict: ``store`` (the path), ``rolled_forward`` (elements whose interrupted write was completed),
+    ``rolled_back`` (elements or transaction ids that were discarded), ``removed`` (staging paths
+    deleted) and ``reconsolidated`` (whether consolidated metadata was rewritten). The lists are
+    empty when there was nothing to do.
 
     Examples
     --------
