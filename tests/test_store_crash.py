@@ -416,3 +416,29 @@ def test_unlisted_element_is_skipped_by_readers(stores, tmp_path, fmt):
         back = sd.read_zarr(store, selection=("shapes", "tables"))
         assert "table" not in back.tables and len(back.shapes) == 3
         hx.io.recover_store(store)
+
+
+def test_features_find_the_tiles_table_next_to_predictions(shared_data):
+    """A prediction table written into sdata carries the tiling too; extract_features still picks the tiles."""
+    import anndata as ad
+    import pandas as pd
+    import spatialdata as sd
+    import torch
+    from PIL import Image
+    from spatialdata.models import Image2DModel
+
+    from histoexpr.models.encoders import get_encoder
+
+    img = np.asarray(Image.open(shared_data / "slides" / "tcga-lung-rgb.png").convert("RGB"))[:512, :512]
+    sdata = sd.SpatialData(images={"he": Image2DModel.parse(img.transpose(2, 0, 1), dims=("c", "y", "x"))})
+    tiles = hx.pp.tile(sdata, image_key="he", slide_mpp=0.5, tile_size=128, tissue_threshold=0.0,
+                       filter_low_contrast=False)
+    pred = ad.AnnData(np.ones((tiles.n_obs, 2), np.float32), obs=tiles.obs.copy(),
+                      var=pd.DataFrame(index=["G1", "G2"]))
+    pred.uns["histoexpr"] = {**tiles.uns["histoexpr"], "model": "test"}
+    hx.io.add_table(sdata, pred, name="predictions", region="he_tiles")
+    torch.manual_seed(0)
+    enc = get_encoder("test_resnet", weights="random")
+    hx.pp.extract_features(sdata, encoder=enc, batch_size=4, num_workers=0, progress=False)
+    assert sdata.tables["he_tiles_table"].obsm["X_test_resnet"].shape[0] == tiles.n_obs
+    assert "X_test_resnet" not in sdata.tables["predictions"].obsm
