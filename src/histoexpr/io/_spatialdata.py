@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +15,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
     from anndata import AnnData
     from spatialdata import SpatialData
-
-_TMP_SUFFIX = "__histoexpr_tmp"
 
 
 def tiles_to_shapes(adata: AnnData, *, size0: float | None = None) -> gpd.GeoDataFrame:
@@ -93,6 +90,7 @@ def add_tiles_to_spatialdata(
     image_key = _resolve_image_key(sdata, image_key)
     shapes_key = shapes_key or f"{image_key}_tiles"
     table_key = table_key or f"{image_key}_tiles_table"
+    _check_free(sdata, [shapes_key, table_key], overwrite=overwrite)  # before writing either element
     transformations = get_transformation(sdata.images[image_key], get_all=True)
     shapes = ShapesModel.parse(tiles_to_shapes(adata), transformations=dict(transformations))
     _put(sdata, shapes_key, shapes, overwrite=overwrite)
@@ -141,65 +139,107 @@ def add_table(
     return table
 
 
-def write_element_safely(sdata: SpatialData, name: str) -> None:
-    """Write element ``name`` of a backed ``sdata`` to its zarr store without risking the old copy.
+def write_element_safely(sdata: SpatialData, name: str, *, overwrite: bool = True) -> dict | None:
+    """Write element ``name`` of a backed ``sdata`` into its zarr store so that no crash can damage the store.
 
-    A new element is written under a temporary name first; only once that has succeeded is the old
-    one deleted and the new one moved into place (spatialdata warns that overwriting in place can
-    lose data when interrupted).
+    The element is written in the store's own format (zarr v2 or v3) into a hidden staging folder
+    of the store, a journal records the intent, and the element is then renamed into place
+    atomically; an element of the same name on disk is swapped out in the same step and deleted
+    afterwards. Consolidated metadata is kept up to date. Leftovers of an earlier interrupted write
+    are finished or undone first (:func:`recover_store`). See the "Data safety" page of the docs.
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData object; nothing is written unless it is backed by a zarr store (``sdata.path``).
+    name
+        The element (already in ``sdata``) to write.
+    overwrite
+        Replace an element of that name already in the store (otherwise raise ``ValueError``).
+
+    Returns
+    -------
+    ``None`` for an in-memory ``sdata``; otherwise a report ``{"element", "replaced", "recovered"}``.
+
+    Raises
+    ------
+    PermissionError
+        A folder or file the write needs is read-only (checked before anything is written).
+    histoexpr.io.StoreFormatError
+        The store's format cannot be written by the installed spatialdata.
+
+    Examples
+    --------
+    >>> sdata["my_table"] = table  # doctest: +SKIP
+    >>> hx.io.write_element_safely(sdata, "my_table")  # doctest: +SKIP
     """
+    from spatialdata._io._utils import _backed_elements_contained_in_path
+
+    from ._store import write_element
+
     if not sdata.is_backed() or sdata.path is None:
-        return
-    _check_writable(Path(sdata.path))
-    on_disk = set(sdata.elements_paths_on_disk())
+        return None
+    root = Path(sdata.path)
     element = sdata[name]
     element_type = _element_type(sdata, name)
-    if f"{element_type}/{name}" not in on_disk:
-        sdata.write_element(name)
-        _consolidate(sdata)
-        return
-    tmp = name + _TMP_SUFFIX
-    sdata[tmp] = element
-    try:
-        sdata.write_element(tmp)
-    finally:
-        del sdata[tmp]
-    root = Path(sdata.path)
-    sdata.delete_element_from_disk(name) if _element_in_memory(sdata, name) else None
-    target = root / element_type / name
-    if target.exists():  # delete_element_from_disk needs the element in memory; be thorough
-        shutil.rmtree(target)
-    os.replace(root / element_type / tmp, target)
-    sdata[name] = element
-    _consolidate(sdata)
+    report = write_element(element, root, element_type=element_type, name=name, overwrite=overwrite)
+    if report["replaced"] and element_type != "tables":
+        # an element read lazily from the files just replaced: read it again from its new files
+        with contextlib.suppress(Exception):
+            if any(_backed_elements_contained_in_path(path=root / element_type / name, object=element)):
+                import spatialdata
+
+                sdata[name] = spatialdata.read_zarr(root, selection=(element_type,))[name]
+    return report
 
 
 # ---------------------------------------------------------------------------- internals
 def _check_writable(root: Path) -> None:
     """Refuse to write into a store marked read-only (permission bits are checked even for root)."""
-    import stat
+    from ._store import check_writable
 
-    if not root.stat().st_mode & stat.S_IWUSR or not os.access(root, os.W_OK):
-        raise PermissionError(
-            f"the SpatialData store {root} is read-only; nothing was written. Write a copy first "
-            "(sdata.write('copy.zarr')) or work in memory (spatialdata.read_zarr(...) then sdata.path = None)."
-        )
+    check_writable(root)
+
+
+def _check_free(sdata, names: list[str], *, overwrite: bool) -> None:
+    """Raise unless ``overwrite`` when any of ``names`` is already an element (in memory or in the store)."""
+    if overwrite:
+        return
+    taken = _all_element_names(sdata) | _names_on_disk(sdata)
+    for name in names:
+        if name in taken:
+            raise ValueError(
+                f"element {name!r} already exists in this SpatialData; pass overwrite=True to replace it "
+                "(or key_added= to write under another name)"
+            )
 
 
 def _put(sdata, name: str, element: Any, *, overwrite: bool) -> None:
-    exists = name in _all_element_names(sdata)
-    if exists and not overwrite:
-        raise ValueError(f"element {name!r} already exists in this SpatialData; pass overwrite=True to replace it")
+    _check_free(sdata, [name], overwrite=overwrite)
+    previous = sdata.get(name)
     sdata[name] = element
-    write_element_safely(sdata, name)
+    try:
+        write_element_safely(sdata, name)
+    except BaseException:
+        # the store was left as it was; leave the in-memory object as it was, too
+        if previous is not None:
+            sdata[name] = previous
+        else:
+            del sdata[name]
+        raise
+
+
+def _names_on_disk(sdata) -> set[str]:
+    if not sdata.is_backed() or sdata.path is None:
+        return set()
+    root = Path(sdata.path)
+    from ._store import ELEMENT_TYPES
+
+    return {p.name for t in ELEMENT_TYPES if (root / t).is_dir() for p in (root / t).iterdir() if p.is_dir()}
 
 
 def _all_element_names(sdata) -> set[str]:
     return {name for _, name, _ in sdata.gen_elements()}
-
-
-def _element_in_memory(sdata, name: str) -> bool:
-    return name in _all_element_names(sdata)
 
 
 def _element_type(sdata, name: str) -> str:
@@ -207,11 +247,6 @@ def _element_type(sdata, name: str) -> str:
         if element_name == name:
             return element_type
     raise KeyError(name)
-
-
-def _consolidate(sdata) -> None:
-    if sdata.has_consolidated_metadata():
-        sdata.write_consolidated_metadata()
 
 
 def _resolve_image_key(sdata, image_key: str | None) -> str:

@@ -371,8 +371,10 @@ def _spatialdata_table(sdata, table_key: str | None) -> str:
         if table_key not in sdata.tables:
             raise KeyError(f"table {table_key!r} not in this SpatialData; tables: {list(sdata.tables)}")
         return table_key
+    # prediction tables (predict_spatial(sdata=...)) carry the tiling too; they record their "model"
     candidates = [k for k, t in sdata.tables.items()
-                  if "tile_size_level0" in t.uns.get(UNS_KEY, {}) and {"x0", "y0"} <= set(t.obs)]
+                  if "tile_size_level0" in t.uns.get(UNS_KEY, {}) and {"x0", "y0"} <= set(t.obs)
+                  and "model" not in t.uns.get(UNS_KEY, {})]
     if len(candidates) != 1:
         raise ValueError(
             f"cannot tell which table holds the tiles (candidates: {candidates}, tables: {list(sdata.tables)}); "

@@ -47,6 +47,8 @@ def tile(
     image_key: str | None = None,
     slide_mpp: float | None = None,
     n_threads: int = 4,
+    key_added: str | None = None,
+    overwrite: bool = False,
 ) -> AnnData:
     """Cut a slide into a grid of tiles on tissue; tiles become the observations of an AnnData.
 
@@ -108,6 +110,12 @@ def tile(
         For SpatialData / path input: the image element, and µm/px when the metadata has none.
     n_threads
         Threads reading tiles for the contrast check.
+    key_added
+        SpatialData input only: name of the tile shapes element (default ``"<image_key>_tiles"``); the
+        annotating tiles table is ``"<key_added>_table"``.
+    overwrite
+        SpatialData input only: replace tile elements of those names already in ``sdata`` (and its
+        store). Without it, existing elements raise an error and nothing is written.
 
     Returns
     -------
@@ -125,6 +133,12 @@ def tile(
     from ..io import open_slide
 
     sdata = slide if hasattr(slide, "images") and hasattr(slide, "tables") else None
+    if sdata is not None:  # refuse existing names before the work, not after it
+        from ..io import pick_image_key
+        from ..io._spatialdata import _check_free
+
+        shapes_key = key_added or f"{pick_image_key(sdata, image_key)}_tiles"
+        _check_free(sdata, [shapes_key, f"{shapes_key}_table"], overwrite=overwrite)
     if not hasattr(slide, "read_tile"):
         slide = open_slide(slide, mpp=slide_mpp, image_key=image_key)
     _check_tiling_args(tile_size=tile_size, mpp=mpp, tissue_threshold=tissue_threshold, max_tiles=max_tiles)
@@ -134,7 +148,7 @@ def tile(
         adata = _tile_sequoia(slide, rule=rule, tile_size=tile_size, mpp=mpp, max_tiles=max_tiles,
                               seed=5 if random_state is None else random_state, tissue=tissue, slide_id=slide_id,
                               n_threads=n_threads)
-        _add_to_sdata(sdata, adata, image_key)
+        _add_to_sdata(sdata, adata, image_key, key_added=key_added, overwrite=overwrite)
         return adata
     random_state = 0 if random_state is None else random_state
     side0 = tile_size * mpp / slide.mpp
@@ -167,22 +181,23 @@ def tile(
     )
     adata.uns[UNS_KEY].update(tissue_threshold=tissue_threshold, max_tiles=max_tiles, random_state=random_state,
                               filter_low_contrast=filter_low_contrast, tile_rule=rule)
-    _add_to_sdata(sdata, adata, image_key)
+    _add_to_sdata(sdata, adata, image_key, key_added=key_added, overwrite=overwrite)
     return adata
 
 
-def _add_to_sdata(sdata, adata, image_key) -> None:
+def _add_to_sdata(sdata, adata, image_key, *, key_added=None, overwrite=False) -> None:
     if sdata is not None:
         from ..io import add_tiles_to_spatialdata
-        from ..io import pick_image_key as _resolve_image_key
+        from ..io import pick_image_key
 
         # recorded before the table is copied into sdata: predict_spatial finds the shapes to annotate
         # and extract_features the image through these keys (also in the SpatialData table)
-        key = _resolve_image_key(sdata, image_key)
-        keys = {"image_key": key, "shapes_key": f"{key}_tiles", "table_key": f"{key}_tiles_table"}
+        key = pick_image_key(sdata, image_key)
+        shapes_key = key_added or f"{key}_tiles"
+        keys = {"image_key": key, "shapes_key": shapes_key, "table_key": f"{shapes_key}_table"}
         adata.uns[UNS_KEY].update(keys)
         add_tiles_to_spatialdata(sdata, adata, image_key=key, shapes_key=keys["shapes_key"],
-                                 table_key=keys["table_key"])
+                                 table_key=keys["table_key"], overwrite=overwrite)
 
 
 def tiles_from_centers(
