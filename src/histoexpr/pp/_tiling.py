@@ -187,8 +187,7 @@ def tile(
 
 def _add_to_sdata(sdata, adata, image_key, *, key_added=None, overwrite=False) -> None:
     if sdata is not None:
-        from ..io import add_tiles_to_spatialdata
-        from ..io import pick_image_key
+        from ..io import add_tiles_to_spatialdata, pick_image_key
 
         # recorded before the table is copied into sdata: predict_spatial finds the shapes to annotate
         # and extract_features the image through these keys (also in the SpatialData table)
