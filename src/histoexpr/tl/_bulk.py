@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._settings import progress_bar
+from .._threads import threads_limited
 from .._utils import check_finite, resolve_feature_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -214,6 +216,7 @@ def _forward_batched(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size:
 # --------------------------------------------------------------------------------------------
 
 
+@threads_limited(small=True)
 def predict_bulk(
     data: Any,
     model: Any,
@@ -228,6 +231,7 @@ def predict_bulk(
     genes: Sequence[str] | None = None,
     units: str | None = None,
     average_folds: bool = True,
+    progress: bool | None = None,
 ) -> AnnData | list[AnnData]:
     """Predict slide-level (bulk) expression from tile features with SEQUOIA or another bulk aggregator.
 
@@ -262,6 +266,9 @@ def predict_bulk(
     average_folds
         With several models, return one AnnData with their mean (``True``) or a list with one
         AnnData per model (``False``).
+    progress
+        Progress bar over the fold models; default ``histoexpr.settings.progress``. Runs with
+        ``histoexpr.settings.n_threads`` CPU threads (default 1: per-slide k-means and one forward pass).
 
     Returns
     -------
@@ -300,7 +307,8 @@ def predict_bulk(
         random_state=random_state,
         slide_key=slide_key,
     )
-    preds = [_forward_batched(m, x, batch_size, dev) for m in models]
+    preds = [_forward_batched(m, x, batch_size, dev)
+             for m in progress_bar(models, enabled=progress, desc="predict_bulk models", unit="model")]
     n_out = preds[0].shape[1]
     gene_names = list(genes) if genes is not None else _model_attr(ref, "genes")
     if gene_names is None:
@@ -505,6 +513,7 @@ class BulkCVResult:
         return well_predicted_genes(p.X, p.layers["truth"], p.layers["random"], genes=list(p.var_names), **kwargs)
 
 
+@threads_limited(small=False)
 def train_bulk(
     X: Any,
     Y: Any,
@@ -528,7 +537,7 @@ def train_bulk(
     device: str | torch.device | None = None,
     units: str | None = None,
     slide_ids: Sequence[str] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> BulkCVResult:
     """Train a bulk aggregator with the SEQUOIA protocol: patient-level K-fold cross-validation.
 
@@ -573,7 +582,8 @@ def train_bulk(
     slide_ids
         Names of the slides (``obs_names`` of the result).
     progress
-        Show a tqdm progress bar.
+        Progress bar over epochs per fold; default ``histoexpr.settings.progress`` (on when interactive).
+        Runs with ``histoexpr.settings.n_threads`` CPU threads (default: all available CPUs).
 
     Returns
     -------
@@ -588,8 +598,6 @@ def train_bulk(
     """
     import torch
     from anndata import AnnData
-    from tqdm.auto import tqdm
-
     dev = _pick_device(device)
     units = units or "unknown"
     x = np.asarray(X.detach().cpu().numpy() if hasattr(X, "detach") else X, dtype=np.float32)
@@ -636,7 +644,8 @@ def train_bulk(
         best_state = copy.deepcopy(net.state_dict())
         best_epoch, best_mse, best_corr, last_epoch = -1, np.nan, np.nan, -1
         y_val = y[val_idx]
-        bar = tqdm(range(max_epochs), desc=f"fold {fold_index + 1}/{len(fold_labels)}", disable=not progress, leave=False)
+        bar = progress_bar(range(max_epochs), enabled=progress, desc=f"train_bulk fold {fold_index + 1}/{len(fold_labels)}",
+                           leave=False)
         for epoch in bar:
             net.train()
             order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._settings import progress_bar
+from .._threads import threads_limited
 from .._utils import bf16_autocast
 from ..pp._xenium import _open_crop_slide, core_counts, xenium_crop_images
 
@@ -299,6 +301,7 @@ def _lr_lambda(base_lr: float, min_lr: float, warmup_steps: int, total_steps: in
     return f
 
 
+@threads_limited(small=False)
 def train_fusion(
     crops,
     model,
@@ -318,7 +321,7 @@ def train_fusion(
     early_stopping: int | None = 10,
     seed: int = 0,
     device: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> FusionFit:
     """Train a fusion model or baseline on Xenium crops (MSE on log1p add-on counts).
 
@@ -349,7 +352,8 @@ def train_fusion(
     device
         Default CUDA when available.
     progress
-        Show a tqdm bar over epochs.
+        Progress bar over epochs; default ``histoexpr.settings.progress`` (on when interactive). Runs
+        with ``histoexpr.settings.n_threads`` CPU threads (default: all available CPUs).
 
     Returns
     -------
@@ -364,7 +368,6 @@ def train_fusion(
     >>> fit.history[["train_loss", "val_mse"]].plot()
     """
     import torch
-    from tqdm.auto import tqdm
 
     from ..models.fusion import MinMAEBaseline
 
@@ -412,7 +415,7 @@ def train_fusion(
 
     history, best, best_state, stale = [], (math.inf, None), None, 0
     t_start = time.perf_counter()
-    bar = tqdm(range(epochs), desc="train_fusion", disable=not progress)
+    bar = progress_bar(range(epochs), enabled=progress, desc="train_fusion epochs")
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
@@ -460,6 +463,7 @@ def _unwrap(model):
     return model.model if isinstance(model, FusionFit) else model
 
 
+@threads_limited(small=False)
 def predict_fusion(model, crops, *, sdata=None, indices: np.ndarray | None = None, batch_size: int = 64,
                    device: str | None = None, embeddings: bool = False):
     """Predictions (log1p add-on counts) of a fusion model or baseline for crops.

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
+from .._settings import progress_bar
+from .._threads import threads_limited
 from .._utils import bf16_autocast, check_finite, get_device, resolve_feature_key, warn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -272,7 +274,7 @@ def _sliding_window_batched(
     columns: np.ndarray | None,
     batch_size: int,
     device: torch.device,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile mean over windows, mean over models. Returns ``(values (n, G), n_windows (n,))``."""
     import torch
@@ -284,11 +286,8 @@ def _sliding_window_batched(
     idx_all = torch.from_numpy(index).to(device)
     n_windows = torch.bincount(idx_all.reshape(-1), minlength=n + 1)[:n]
     total = None
-    iterator = range(0, index.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="windows", unit="batch")
+    iterator = progress_bar(range(0, index.shape[0], batch_size), enabled=progress, desc="predict_spatial windows",
+                            unit="batch")
     with _in_eval_mode(models, device), torch.inference_mode():
         for start in iterator:
             idx = idx_all[start : start + batch_size]
@@ -427,6 +426,7 @@ def _predict_direct(features, coords, models, *, columns, device, condition_idx)
     return (total / len(models)).float().cpu().numpy()
 
 
+@threads_limited(small=True)
 def predict_spatial(
     adata_tiles: AnnData,
     model,
@@ -443,7 +443,7 @@ def predict_spatial(
     sdata=None,
     table_key: str | None = None,
     region: str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> AnnData:
     """Predict expression for every tile: a new AnnData tiles × genes.
 
@@ -486,7 +486,8 @@ def predict_spatial(
         (default ``"predictions"``) annotating the tile shapes ``region``
         (default ``uns['histoexpr']['shapes_key']``, else ``"<slide_id>_tiles"``).
     progress
-        Show a progress bar over window batches.
+        Show a progress bar over window batches; default ``histoexpr.settings.progress`` (on when
+        interactive). Runs with ``histoexpr.settings.n_threads`` CPU threads (default 1: a small model).
 
     Returns
     -------
@@ -781,6 +782,7 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, gene_mask: torch.Tenso
     return ((pred - target) ** 2 * m).sum() / m.sum()
 
 
+@threads_limited(small=True)
 def train_spatial(
     adatas,
     *,
@@ -802,7 +804,7 @@ def train_spatial(
     device: Any = None,
     checkpoint_dir: str | Path | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ):
     """Train the HistoPrism-style direct model (SPEC §3.4) on spot-level data.
 
@@ -846,7 +848,8 @@ def train_spatial(
     model_kwargs
         Extra :class:`~histoexpr.models.HistoPrism` arguments (``hidden_dim``, ``depth``, ``dropout``...).
     progress
-        Show a progress bar over epochs.
+        Show a progress bar over epochs; default ``histoexpr.settings.progress`` (on when interactive).
+        Runs with ``histoexpr.settings.n_threads`` CPU threads (default 1: a small model).
 
     Returns
     -------
@@ -946,11 +949,7 @@ def train_spatial(
     history: dict[str, Any] = {"train_loss": [], "val_loss": [], "train": train, "val": val, "test": test}
     best = (math.inf, -1, None)
     stale = 0
-    epoch_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epoch_iter = tqdm(epoch_iter, desc="epochs")
+    epoch_iter = progress_bar(range(epochs), enabled=progress, desc="train_spatial epochs")
     meta = {"use_rep": use_rep, "train": train, "val": val, "test": test, "seed": seed}
     for epoch in epoch_iter:
         model.train()
@@ -979,6 +978,7 @@ def train_spatial(
             stale += 1
             if stale >= patience:
                 break
+    epoch_iter.close()
     if best[2] is not None:
         model.load_state_dict(best[2])
     elif checkpoint_dir is not None:
