@@ -222,6 +222,8 @@ def _spatialdata_table(sdata, table_key: str | None) -> str:
         return table_key
     candidates = [k for k, t in sdata.tables.items()
                   if "tile_size_level0" in t.uns.get(UNS_KEY, {}) and {"x0", "y0"} <= set(t.obs)]
+    if len(candidates) > 1:  # prediction tables copy the tiles' obs/uns; the tiles table has no genes
+        candidates = [k for k in candidates if sdata.tables[k].n_vars == 0] or candidates
     if len(candidates) != 1:
         raise ValueError(
             f"cannot tell which table holds the tiles (candidates: {candidates}, tables: {list(sdata.tables)}); "
@@ -276,7 +278,8 @@ def extract_features(
         the batch size the cache was created with.
     num_workers
         DataLoader worker processes reading tiles; default ``min(16, cpus - 1)`` on CUDA,
-        ``min(2, cpus - 1)`` on CPU. 0 reads in the main process.
+        ``min(2, cpus - 1)`` on CPU, 0 for SpatialData image elements (dask arrays are not
+        fork-safe). 0 reads in the main process.
     device
         ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
     precision
@@ -350,6 +353,10 @@ def extract_features(
     if num_workers is None:
         cpus = os.cpu_count() or 1
         num_workers = max(0, min(16 if on_cuda else 2, cpus - 1))
+        if getattr(slide, "backend", None) == "spatialdata":
+            # dask-backed image elements are not fork-safe: a forked DataLoader worker can hang on a
+            # lock held by one of the parent's dask/zarr threads (seen on a Xenium store)
+            num_workers = 0
     key = key_added or _feature_key(enc.name)
 
     fast = isinstance(enc.transform, TileTransform)
