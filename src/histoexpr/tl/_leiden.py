@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._threads import threads_limited
 
+
+@threads_limited(small=True)
 def leiden(
     adata,
     *,
