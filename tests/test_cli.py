@@ -208,3 +208,27 @@ def test_cohort_is_resumable(shared_data, tmp_path):
     manifest.write_text(f"slide,slide_id\n{slides / 'cmu-1-small-region.svs'},cmu\n")
     s2 = run_json("cohort", manifest, "--out", tmp_path / "feat", "--tile-size", 256, "--mpp", 1.0, cwd=tmp_path)
     assert [s["status"] for s in s2["steps"]] == ["skipped"]
+
+
+def test_fuse_xenium(shared_data, tmp_path):
+    """fuse-xenium with a (tiny, untrained) expression-only fusion model saved with torch.save."""
+    import spatialdata as sd
+    import torch
+
+    import histoexpr as hx
+    from histoexpr.pp._xenium import _panel_genes
+
+    store = copy_writable(shared_data / XENIUM, tmp_path / "xenium.zarr")
+    genes = _panel_genes(hx.io.read_xenium(store).points["transcripts"], "feature_name")
+    core, addon = genes[:20], genes[20:25]
+    torch.manual_seed(0)
+    model = hx.models.ExpressionMLP(n_core_genes=len(core), n_targets=len(addon))
+    model.core_genes, model.target_genes = core, addon
+    torch.save(model, tmp_path / "fusion.pt")
+    s1 = run_json("fuse-xenium", store, "--model", tmp_path / "fusion.pt", "--crop-size", 64, cwd=tmp_path)
+    assert statuses(s1) == ["done"] and s1["steps"][0]["n_genes"] == 5 and s1["steps"][0]["n_crops"] > 4
+    table = sd.read_zarr(store).tables["fusion_table"]
+    assert list(table.var_names) == addon and "X_fusion" in table.obsm
+    assert table.uns["spatialdata_attrs"]["region"] == "fusion_crops"
+    s2 = run_json("fuse-xenium", store, "--model", tmp_path / "fusion.pt", "--crop-size", 64, cwd=tmp_path)
+    assert statuses(s2) == ["skipped"]

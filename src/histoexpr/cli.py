@@ -666,11 +666,13 @@ def predict_bulk(store: Path, models, key_added, table_key, use_rep, out_csv, ra
               help="A trained fusion model saved with torch.save(fit.model, PATH) (a trusted file).")
 @click.option("--key-added", default="fusion", show_default=True,
               help="Crops '<key>_crops' and table '<key>_table' in the store.")
+@click.option("--crop-size", type=int, default=None, help="Crop side in px (default: the ViT's input size).")
 @click.option("--stride", type=int, default=None, help="Crop stride in px (default: the crop size).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Redo a finished step.")
 @_common
-def fuse_xenium(store: Path, model_path: Path, key_added, stride, batch_size, overwrite, num_workers) -> dict:
+def fuse_xenium(store: Path, model_path: Path, key_added, crop_size, stride, batch_size, overwrite,
+                num_workers) -> dict:
     """Early fusion on Xenium: predict the add-on panel per crop from H&E + core-panel transcripts.
 
     \b
@@ -686,14 +688,14 @@ def fuse_xenium(store: Path, model_path: Path, key_added, stride, batch_size, ov
         raise StepError(f"model file {model_path} does not exist")
     sdata = _read_store(store)
     table_key = f"{key_added}_table"
-    params = {"model": _checkpoint_fingerprint([model_path]), "stride": stride}
+    params = {"model": _checkpoint_fingerprint([model_path]), "stride": stride, "crop_size": crop_size}
     exists = table_key in sdata.tables
     uns = sdata.tables[table_key].uns if exists else None
     action = _decide("fuse-xenium", uns, params, exists=exists, overwrite=overwrite, what=f"table {table_key!r}")
     if action == "skip":
         return {"steps": [_step_result("fuse-xenium", "skipped", table=table_key)]}
     model = torch.load(model_path, map_location="cpu", weights_only=False)
-    kwargs = {"stride": stride} if stride is not None else {}
+    kwargs = {k: v for k, v in (("stride", stride), ("crop_size", crop_size)) if v is not None}
     pred = tl.fuse_xenium(sdata, model, batch_size=batch_size, key_added=key_added, overwrite=True, **kwargs)
     table = sdata.tables[table_key]
     _record(table.uns, "fuse-xenium", params)
