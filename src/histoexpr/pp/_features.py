@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._constants import FEATURE_KEY_PREFIX, UNS_KEY
-from .._settings import logger, progress_bar, resolve_progress
+from .._settings import logger, progress_bar, resolve_progress, settings
 from .._threads import limit_threads, worker_init_fn
 from .._utils import get_device
 
@@ -573,7 +573,7 @@ def extract_features_cohort(
     job = {"out": str(out.resolve()), "encoder": encoder, "weights": weights, "mpp": mpp,
            "tile_kwargs": dict(tile_kwargs or {}), "batch_size": batch_size, "num_workers": num_workers,
            "device": device, "precision": precision, "key_added": key_added, "format": format,
-           "overwrite": overwrite, "errors": errors}
+           "overwrite": overwrite, "errors": errors, "n_threads": settings.n_threads}
     show = resolve_progress(progress)
     rows = []
     if client is None:
@@ -608,6 +608,12 @@ _COHORT_ENCODERS: dict = {}
 
 def _cohort_slide(given_id, source, *, job: dict, progress: bool, state: dict | None) -> dict:
     """Tile, featurise and write one slide of a cohort; returns its summary row (a Dask task)."""
+    # the caller's thread setting travels with the task (a Dask worker has its own settings)
+    with settings.override(n_threads=job.get("n_threads", settings.n_threads)):
+        return _cohort_slide_impl(given_id, source, job=job, progress=progress, state=state)
+
+
+def _cohort_slide_impl(given_id, source, *, job: dict, progress: bool, state: dict | None) -> dict:
     from ..io import open_slide
     from ..models.encoders import get_encoder
 
