@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+from ._settings import settings
+
 _SUBMODULES = ("io", "pp", "tl", "pl", "metrics", "models", "datasets")
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,4 +27,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_SUBMODULES])
 
 
-__all__ = [*_SUBMODULES, "__version__"]
+__all__ = [*_SUBMODULES, "__version__", "settings"]

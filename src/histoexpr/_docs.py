@@ -38,7 +38,8 @@ copy
     Return an annotated copy instead of writing into the given AnnData (then ``None`` is returned).""",
     "progress": """\
 progress
-    Show a progress bar.""",
+    Show a progress bar; ``None`` (default) follows ``histoexpr.settings.progress`` (on when the
+    session is interactive).""",
 }
 
 _PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)\{(?P<name>\w+)\}[ \t]*$", re.MULTILINE)

@@ -11,13 +11,18 @@ from ._constants import FEATURE_KEY_PREFIX, UNS_KEY
 
 
 def get_device(device: Any = None):
-    """Return a :class:`torch.device`: the given one, else CUDA when available, else CPU.
+    """Return a :class:`torch.device`: the given one, else ``histoexpr.settings.device``.
 
-    Asking for CUDA on a machine without it is a clear error here rather than deep inside torch.
+    ``None`` / ``"auto"`` mean the settings' device, whose default ``"auto"`` is CUDA when available,
+    else CPU. Asking for CUDA on a machine without it is a clear error here rather than deep inside torch.
     """
     import torch
 
-    if device is None:
+    from ._settings import settings
+
+    if device is None or (isinstance(device, str) and device == "auto"):
+        device = settings.device
+    if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

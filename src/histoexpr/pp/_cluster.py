@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._docs import doc_params
+from .._threads import threads_limited
 from .._utils import check_finite, iter_slides, means_fingerprint, resolve_feature_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +67,7 @@ def _cluster_means(x: np.ndarray, labels: np.ndarray, centers: np.ndarray, *, wh
     return means
 
 
+@threads_limited(small=True)
 def kmeans_means(
     features: np.ndarray, *, n_clusters: int = 100, random_state: int = 0, return_labels: bool = False
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -108,6 +110,7 @@ def kmeans_means(
 
 
 @doc_params()
+@threads_limited(small=True)
 def cluster_features(
     adata: AnnData,
     *,

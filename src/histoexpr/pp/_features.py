@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._constants import FEATURE_KEY_PREFIX, UNS_KEY
+from .._settings import logger, progress_bar, resolve_progress, settings
+from .._threads import limit_threads, worker_init_fn
 from .._utils import check_positive, get_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -375,6 +377,8 @@ def _spatialdata_table(sdata, table_key: str | None) -> str:
     candidates = [k for k, t in sdata.tables.items()
                   if "tile_size_level0" in t.uns.get(UNS_KEY, {}) and {"x0", "y0"} <= set(t.obs)
                   and "model" not in t.uns.get(UNS_KEY, {})]
+    if len(candidates) > 1:  # prediction tables copy the tiles' obs/uns; the tiles table has no genes
+        candidates = [k for k in candidates if sdata.tables[k].n_vars == 0] or candidates
     if len(candidates) != 1:
         raise ValueError(
             f"cannot tell which table holds the tiles (candidates: {candidates}, tables: {list(sdata.tables)}); "
@@ -397,7 +401,7 @@ def extract_features(
     key_added: str | None = None,
     cache: str | os.PathLike | None = None,
     table_key: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Encode every tile with a pretrained encoder; features go to ``obsm["X_<encoder>"]``.
@@ -429,8 +433,8 @@ def extract_features(
         the batch size the cache was created with.
     num_workers
         DataLoader worker processes reading tiles; default ``min(16, cpus - 1)`` on CUDA,
-        ``min(2, cpus - 1)`` on CPU. 0 reads in the main process. Workers are stopped as soon as
-        the loop ends, also on an error or Ctrl-C.
+        ``min(2, cpus - 1)`` on CPU, 0 for SpatialData image elements. 0 reads in the main process.
+        Workers are stopped as soon as the loop ends, also on an error or Ctrl-C.
     device
         ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
     precision
@@ -448,7 +452,9 @@ def extract_features(
     table_key
         With SpatialData input: the tiles table (found automatically when there is one).
     progress
-        Show a tqdm progress bar.
+        Show a progress bar; default ``histoexpr.settings.progress`` (on when interactive).
+        Torch runs with ``histoexpr.settings.n_threads`` CPU threads (default: 1 for small encoders
+        such as ``hed_stats``, all available CPUs for large ones); DataLoader workers use one each.
     copy
         Return a copy with the features instead of writing into ``adata_tiles``.
 
@@ -513,6 +519,10 @@ def extract_features(
     if num_workers is None:
         cpus = os.cpu_count() or 1
         num_workers = max(0, min(16 if on_cuda else 2, cpus - 1))
+        if getattr(slide, "backend", None) == "spatialdata":
+            # dask-backed image elements are not fork-safe: a forked DataLoader worker can hang on a
+            # lock held by one of the parent's dask/zarr threads (seen on a Xenium store)
+            num_workers = 0
     key = key_added or _feature_key(enc.name)
 
     fast = isinstance(enc.transform, TileTransform)
@@ -564,12 +574,12 @@ def _run_batches(enc: Encoder, dataset: TileDataset, batches: list[list[int]], s
                  progress: bool, n_done: int, n_total: int, desc: str) -> None:
     import torch
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     on_cuda = device.type == "cuda"
     loader = DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=on_cuda,
         prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
+        worker_init_fn=worker_init_fn if num_workers > 0 else None,
     )
     first = next(iter(enc.module.parameters()), None)
     home = first.device if first is not None else torch.device("cpu")
@@ -580,7 +590,10 @@ def _run_batches(enc: Encoder, dataset: TileDataset, batches: list[list[int]], s
     autocast = (torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     normalize = enc.transform.normalize if dataset.uint8_output else None
-    bar = tqdm(total=n_total, initial=n_done, unit="tile", desc=desc, disable=not progress, smoothing=0.1)
+    bar = progress_bar(total=n_total, initial=n_done, unit="tile", desc=desc, enabled=progress, smoothing=0.1)
+    n_params = sum(p.numel() for p in enc.module.parameters())
+    threads = limit_threads(small=n_params < 5_000_000)
+    threads.__enter__()
 
     def flush(pending) -> None:
         start, host, event = pending
@@ -625,6 +638,7 @@ def _run_batches(enc: Encoder, dataset: TileDataset, batches: list[list[int]], s
         if shutdown is not None:
             shutdown()
         batches_iter = None
+        threads.__exit__(None, None, None)
         bar.close()
         if home != device:
             enc.module.to(home)  # give the GPU memory back; the module is where the caller had it
@@ -662,24 +676,28 @@ def extract_features_cohort(
     format: Literal["h5ad", "zarr"] = "h5ad",
     overwrite: bool = False,
     errors: Literal["raise", "warn"] = "warn",
-    progress: bool = True,
+    progress: bool | None = None,
+    client: Any = None,
 ) -> pd.DataFrame:
     """Tile and featurise a list of slides, one file per slide; finished slides are skipped.
 
     For each slide: :func:`histoexpr.pp.tile`, then :func:`extract_features` with a per-slide
     zarr cache in ``out_dir`` (so an interrupted slide resumes), then ``<slide_id>.h5ad`` (or
     ``.zarr``) is written atomically (temporary name, then rename) and the cache removed. Re-running
-    the same call after a crash redoes only what is missing. The encoder is loaded once.
+    the same call after a crash redoes only what is missing. The encoder is loaded once per process.
 
-    To spread a cohort over machines, map this function over slides with Dask (see
-    ``docs/features.md``); each task writes its own files, so no coordination is needed.
+    With ``client=`` (a :class:`dask.distributed.Client`) every slide is one Dask task: the same
+    code runs on a laptop, a ``LocalCluster`` or a SLURM cluster through ``dask-jobqueue`` (see
+    ``docs/scaling.md``). Each task writes its own files, so no coordination is needed, and the
+    outputs are identical to a local run.
 
     Parameters
     ----------
     slides
         Slide paths (or :class:`histoexpr.io.Slide` objects), or a mapping ``slide_id → path``.
     out_dir
-        Output folder (created).
+        Output folder (created). With a Dask client it must be reachable from the workers
+        (a shared file system on a cluster).
     encoder, weights, batch_size, num_workers, device, precision, key_added
         As in :func:`extract_features`.
     mpp
@@ -693,13 +711,18 @@ def extract_features_cohort(
     errors
         ``"warn"``: record a failing slide in the summary, warn, and go on; ``"raise"``: stop.
     progress
-        Progress bars.
+        Progress bar over slides (and, locally, over each slide's tiles); default
+        ``histoexpr.settings.progress``.
+    client
+        A ``dask.distributed.Client``: run slides as Dask tasks on its workers. Per-tile DataLoader
+        workers default to 0 there (each Dask worker is already one process per slide).
 
     Returns
     -------
     A :class:`pandas.DataFrame`, one row per slide: ``slide_id``, ``path``, ``status``
     (``"done"``, ``"skipped"`` (output existed), ``"failed"`` (e.g. no tissue found; the reason is
-    in ``error``)), ``n_tiles``, ``seconds``, ``output``, ``error``.
+    in ``error``)), ``n_tiles``, ``seconds``, ``output``, ``error``, ``worker`` (Dask worker or
+    ``"local"``).
 
     Example
     -------
@@ -707,67 +730,125 @@ def extract_features_cohort(
     >>> summary = hx.pp.extract_features_cohort(
     ...     ["a.svs", "b.svs"], out_dir="features/", encoder="uni", weights="uni/pytorch_model.bin"
     ... )  # doctest: +SKIP
-    >>> summary[["slide_id", "status", "n_tiles"]]  # doctest: +SKIP
+    >>> from dask.distributed import Client, LocalCluster
+    >>> with Client(LocalCluster(n_workers=4, threads_per_worker=1)) as client:  # doctest: +SKIP
+    ...     summary = hx.pp.extract_features_cohort(slides, out_dir="features/", encoder="hed_stats",
+    ...                                             client=client)
     """
     import pandas as pd
 
-    from ..io import open_slide
-    from ..models.encoders import get_encoder
-
     if format not in ("h5ad", "zarr"):
         raise ValueError(f"format must be 'h5ad' or 'zarr', got {format!r}")
+    if errors not in ("raise", "warn"):
+        raise ValueError(f"errors must be 'raise' or 'warn', got {errors!r}")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     items = list(slides.items()) if isinstance(slides, Mapping) else [(None, s) for s in slides]
-    enc = None
+    job = {"out": str(out.resolve()), "encoder": encoder, "weights": weights, "mpp": mpp,
+           "tile_kwargs": dict(tile_kwargs or {}), "batch_size": batch_size, "num_workers": num_workers,
+           "device": device, "precision": precision, "key_added": key_added, "format": format,
+           "overwrite": overwrite, "errors": errors, "n_threads": settings.n_threads}
+    show = resolve_progress(progress)
     rows = []
-    for given_id, source in items:
-        t0 = time.perf_counter()
-        row = {"slide_id": given_id, "path": None if not isinstance(source, str | os.PathLike) else str(source),
-               "status": None, "n_tiles": 0, "seconds": 0.0, "output": None, "error": None}
-        opened = None
-        try:
-            slide_mpp = mpp.get(given_id) if isinstance(mpp, Mapping) else mpp
-            if isinstance(source, str | os.PathLike):
-                slide = opened = open_slide(source, mpp=slide_mpp, slide_id=given_id)
-            else:
-                slide = source
-                row["path"] = str(slide.path) if slide.path is not None else None
-            row["slide_id"] = slide_id = given_id or slide.slide_id
-            target = out / f"{slide_id}.{format}"
-            row["output"] = str(target)
-            if target.exists() and not overwrite:
-                row["status"] = "skipped"
-                rows.append(row)
-                continue
-            from . import tile
+    if client is None:
+        state: dict = {}
+        for given_id, source in progress_bar(items, enabled=show, desc="cohort slides", unit="slide"):
+            rows.append(_cohort_slide(given_id, source, job=job, progress=show, state=state))
+    else:
+        if num_workers is None:
+            job["num_workers"] = 0
+        futures = [client.submit(_cohort_slide, given_id, source, job=job, progress=False, state=None,
+                                 pure=False, key=f"histoexpr-slide-{i}-{given_id or Path(str(source)).stem}")
+                   for i, (given_id, source) in enumerate(items)]
+        from dask.distributed import as_completed
 
-            # the id the output file is named by is also the tiles' obs["slide_id"]
-            tiles = tile(slide, **{"slide_id": slide_id, **dict(tile_kwargs or {})})
-            row["n_tiles"] = int(tiles.n_obs)
-            if tiles.n_obs == 0:
-                row["status"] = "no tissue"
-                rows.append(row)
-                continue
-            if enc is None:
-                enc = get_encoder(encoder, weights=weights, precision=precision)
-            cache = out / f".{slide_id}.features.zarr"
-            extract_features(tiles, slide, encoder=enc, batch_size=batch_size, num_workers=num_workers,
-                             device=device, key_added=key_added, cache=cache, progress=progress)
-            _write_atomic(tiles, target, format)
-            shutil.rmtree(cache, ignore_errors=True)
-            row["status"] = "done"
-        except Exception as e:
-            if errors == "raise":
-                raise
-            row["status"], row["error"] = "failed", f"{type(e).__name__}: {e}"
-            warnings.warn(f"slide {row['slide_id'] or row['path']} failed: {row['error']}", stacklevel=2)
-        finally:
-            if opened is not None:  # a cohort can hold thousands of slides: do not keep their files open
-                opened.close()
+        done = {}
+        bar = progress_bar(total=len(futures), enabled=show, desc="cohort slides (dask)", unit="slide")
+        for future in as_completed(futures):
+            row = future.result()  # errors="raise" re-raises the slide's exception here
+            done[future.key] = row
+            if row["status"] == "failed":
+                warnings.warn(f"slide {row['slide_id'] or row['path']} failed: {row['error']}", stacklevel=2)
+            bar.update(1)
+        bar.close()
+        rows = [done[f.key] for f in futures]
+    return pd.DataFrame(rows, columns=["slide_id", "path", "status", "n_tiles", "seconds", "output", "error",
+                                       "worker"])
+
+
+#: Encoders loaded in this process (a Dask worker runs many slides with the same encoder).
+_COHORT_ENCODERS: dict = {}
+
+
+def _cohort_slide(given_id, source, *, job: dict, progress: bool, state: dict | None) -> dict:
+    """Tile, featurise and write one slide of a cohort; returns its summary row (a Dask task)."""
+    # the caller's thread setting travels with the task (a Dask worker has its own settings)
+    with settings.override(n_threads=job.get("n_threads", settings.n_threads)):
+        return _cohort_slide_impl(given_id, source, job=job, progress=progress, state=state)
+
+
+def _cohort_slide_impl(given_id, source, *, job: dict, progress: bool, state: dict | None) -> dict:
+    from ..io import open_slide
+    from ..models.encoders import get_encoder
+
+    t0 = time.perf_counter()
+    out = Path(job["out"])
+    fmt, mpp = job["format"], job["mpp"]
+    try:
+        from dask.distributed import get_worker
+
+        worker = get_worker().address
+    except (ImportError, ValueError):
+        worker = "local"
+    row = {"slide_id": given_id, "path": None if not isinstance(source, str | os.PathLike) else str(source),
+           "status": None, "n_tiles": 0, "seconds": 0.0, "output": None, "error": None, "worker": worker}
+    opened = None
+    try:
+        slide_mpp = mpp.get(given_id) if isinstance(mpp, Mapping) else mpp
+        if isinstance(source, str | os.PathLike):
+            slide = opened = open_slide(source, mpp=slide_mpp, slide_id=given_id)
+        else:
+            slide = source
+            row["path"] = str(slide.path) if slide.path is not None else None
+        row["slide_id"] = slide_id = given_id or slide.slide_id
+        target = out / f"{slide_id}.{fmt}"
+        row["output"] = str(target)
+        if target.exists() and not job["overwrite"]:
+            row["status"] = "skipped"
+            logger.info("cohort: %s skipped (output exists: %s)", slide_id, target)
+            return row
+        from . import tile
+
+        # the id the output file is named by is also the tiles' obs["slide_id"]
+        with limit_threads(small=True):
+            tiles = tile(slide, **{"slide_id": slide_id, **job["tile_kwargs"]})
+        row["n_tiles"] = int(tiles.n_obs)
+        encoder = job["encoder"]
+        if isinstance(encoder, str):
+            cache_key = (encoder, str(job["weights"]), job["precision"])
+            encoders = _COHORT_ENCODERS if state is None else state
+            if cache_key not in encoders:
+                encoders[cache_key] = get_encoder(encoder, weights=job["weights"], precision=job["precision"])
+            encoder = encoders[cache_key]
+        cache = out / f".{slide_id}.features.zarr"
+        extract_features(tiles, slide, encoder=encoder, weights=None if not isinstance(encoder, str) else job["weights"],
+                         batch_size=job["batch_size"], num_workers=job["num_workers"], device=job["device"],
+                         key_added=job["key_added"], cache=cache, progress=progress)
+        _write_atomic(tiles, target, fmt)
+        shutil.rmtree(cache, ignore_errors=True)
+        row["status"] = "done"
+        logger.info("cohort: %s done (%d tiles)", slide_id, row["n_tiles"])
+    except Exception as e:
+        if job["errors"] == "raise":
+            raise
+        row["status"], row["error"] = "failed", f"{type(e).__name__}: {e}"
+        if state is not None:  # local run: warn now; with Dask the client warns
+            warnings.warn(f"slide {row['slide_id'] or row['path']} failed: {row['error']}", stacklevel=3)
+    finally:
+        if opened is not None:  # a cohort can hold thousands of slides: do not keep their files open
+            opened.close()
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["slide_id", "path", "status", "n_tiles", "seconds", "output", "error"])
+    return row
 
 
 def _write_atomic(adata: AnnData, target: Path, format: str) -> None:

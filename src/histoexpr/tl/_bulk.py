@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_params
+from .._settings import progress_bar
+from .._threads import threads_limited
 from .._utils import (
     check_finite,
     check_targets,
@@ -192,6 +194,7 @@ def _forward_batched(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size:
 
 
 @doc_params()
+@threads_limited(small=True)
 def predict_bulk(
     data: Any,
     model: Any,
@@ -206,6 +209,7 @@ def predict_bulk(
     genes: Sequence[str] | None = None,
     units: str | None = None,
     average_folds: bool = True,
+    progress: bool | None = None,
 ) -> AnnData | list[AnnData]:
     """Predict slide-level (bulk) expression from tile features with SEQUOIA or another bulk aggregator.
 
@@ -240,6 +244,9 @@ def predict_bulk(
     average_folds
         With several models, return one AnnData with their mean (``True``) or a list with one
         AnnData per model (``False``).
+    progress
+        Progress bar over the fold models; default ``histoexpr.settings.progress``. Runs with
+        ``histoexpr.settings.n_threads`` CPU threads (default 1: per-slide k-means and one forward pass).
 
     Returns
     -------
@@ -283,7 +290,8 @@ def predict_bulk(
         random_state=random_state,
         slide_key=slide_key,
     )
-    preds = [_forward_batched(m, x, batch_size, dev) for m in models]
+    preds = [_forward_batched(m, x, batch_size, dev)
+             for m in progress_bar(models, enabled=progress, desc="predict_bulk models", unit="model")]
     n_out = preds[0].shape[1]
     gene_names = list(genes) if genes is not None else model_info(ref, "genes")
     if gene_names is None:
@@ -468,6 +476,7 @@ _HISTORY_COLUMNS = ("epoch", "train_loss", "val_mse", "val_corr", "saved")
 
 @doc_params()
 @renamed_kwargs(seed="random_state", out_dir="checkpoint_dir", model_config="model_kwargs")
+@threads_limited(small=False)
 def train_bulk(
     X: Any,
     Y: Any,
@@ -491,7 +500,7 @@ def train_bulk(
     device: str | torch.device | None = None,
     units: str | None = None,
     slide_ids: Sequence[str] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> TrainResult:
     """Train a bulk aggregator with the SEQUOIA protocol: patient-level K-fold cross-validation.
 

@@ -25,6 +25,7 @@ import pandas as pd
 from scipy import sparse
 
 from .._docs import doc_params
+from .._threads import threads_limited
 from .._utils import check_targets, renamed_kwargs
 from ..pp._xenium import core_counts, open_crop_slide, xenium_crop_images
 from ._runtime import Patience, TrainResult, autocast, batched_inference, fit, load_models, resolve_device
@@ -282,6 +283,7 @@ def _lr_lambda(base_lr: float, min_lr: float, warmup_steps: int, total_steps: in
 
 @doc_params()
 @renamed_kwargs(epochs="max_epochs", early_stopping="patience", seed="random_state")
+@threads_limited(small=False)
 def train_fusion(
     crops,
     model,
@@ -302,7 +304,7 @@ def train_fusion(
     random_state: int = 0,
     device: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> TrainResult:
     """Train a fusion model or baseline on Xenium crops (MSE on log1p add-on counts).
 
@@ -443,6 +445,7 @@ def _unwrap(model):
     return model
 
 
+@threads_limited(small=False)
 def predict_fusion(crops, model, *, sdata=None, indices: np.ndarray | None = None, batch_size: int = 64,
                    device: str | None = None,
                    embeddings: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._docs import doc_params
+from .._threads import threads_limited
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
 
+@threads_limited(small=True)
 @doc_params()
 def leiden(
     adata,

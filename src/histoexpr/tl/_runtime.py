@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
+from .._settings import progress_bar
 from .._utils import get_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,7 +115,7 @@ def batched_inference(
     models: Sequence[Any],
     device: torch.device,
     precision: Precision = "auto",
-    progress: bool = False,
+    progress: bool | None = False,
     desc: str = "batches",
 ) -> list[Any]:
     """Call ``step(slice)`` for consecutive batches of ``range(n)`` inside :func:`inference`.
@@ -134,10 +135,8 @@ def batched_inference(
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size}")
     starts: Any = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch")
+    if progress is not False:
+        starts = progress_bar(starts, enabled=progress, desc=desc, unit="batch")
     with inference(models, device, precision):
         return [step(slice(s, min(s + batch_size, n))) for s in starts]
 
@@ -308,7 +307,7 @@ def fit(
     stopper: Any = None,
     on_save: Callable[[int, dict], None] | None = None,
     timed: bool = False,
-    progress: bool = False,
+    progress: bool | None = False,
     desc: str = "epochs",
     leave: bool = True,
 ) -> FitLog:
@@ -324,11 +323,9 @@ def fit(
 
     if int(max_epochs) < 1:
         raise ValueError(f"max_epochs must be ≥ 1, got {max_epochs}.")
-    from tqdm.auto import tqdm
-
     best_state, best_epoch, best_row = _snapshot(model), -1, None
     rows: list[dict] = []
-    bar = tqdm(range(int(max_epochs)), desc=desc, disable=not progress, leave=leave)
+    bar = progress_bar(range(int(max_epochs)), enabled=progress, desc=desc, leave=leave)
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()

@@ -23,6 +23,8 @@ import pandas as pd
 
 from .._constants import SPATIAL_KEY, UNS_KEY
 from .._docs import doc_params
+from .._settings import progress_bar
+from .._threads import threads_limited
 from .._utils import check_finite, check_targets, iter_slides, renamed_kwargs, resolve_feature_key, warn
 from .._utils import dense as _dense
 from .._utils import grid_coords as _grid_coords
@@ -269,7 +271,7 @@ def _sliding_window_batched(
     columns: np.ndarray | None,
     batch_size: int,
     device: torch.device,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile mean over windows, mean over models. Returns ``(values (n, G), n_windows (n,))``."""
     import torch
@@ -281,11 +283,8 @@ def _sliding_window_batched(
     idx_all = torch.from_numpy(index).to(device)
     n_windows = torch.bincount(idx_all.reshape(-1), minlength=n + 1)[:n]
     total = None
-    iterator = range(0, index.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="windows", unit="batch")
+    iterator = progress_bar(range(0, index.shape[0], batch_size), enabled=progress, desc="predict_spatial windows",
+                            unit="batch")
     with inference(models, device):
         for start in iterator:
             idx = idx_all[start : start + batch_size]
@@ -424,6 +423,7 @@ def _predict_direct(features, coords, models, *, columns, device, condition_idx)
 
 @doc_params()
 @renamed_kwargs(table_key="key_added")
+@threads_limited(small=True)
 def predict_spatial(
     adata_tiles: AnnData,
     model,
@@ -442,7 +442,7 @@ def predict_spatial(
     key_added: str | None = None,
     region: str | None = None,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> AnnData:
     """Predict expression for every tile: a new AnnData tiles × genes.
 
@@ -494,7 +494,8 @@ def predict_spatial(
         ``region`` (default ``uns['histoexpr']['shapes_key']``, else the only ``"*_tiles"`` shapes);
         an existing table of that name is replaced only with ``overwrite=True``.
     progress
-        Show a progress bar over window batches.
+        Show a progress bar over window batches; default ``histoexpr.settings.progress`` (on when
+        interactive). Runs with ``histoexpr.settings.n_threads`` CPU threads (default 1: a small model).
 
     Returns
     -------
@@ -719,6 +720,7 @@ def _training_chunk(model, coords, n: int, max_tiles: int, rng: np.random.Genera
 
 @doc_params()
 @renamed_kwargs(epochs="max_epochs", seed="random_state")
+@threads_limited(small=True)
 def train_spatial(
     adatas,
     *,
@@ -740,7 +742,7 @@ def train_spatial(
     device: Any = None,
     checkpoint_dir: str | Path | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> TrainResult:
     """Train the HistoPrism-style direct model on spot-level data.
 
