@@ -29,6 +29,7 @@ import re
 import shutil
 import stat
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,9 +328,14 @@ def write_element(
             mini_path = txn / _MINI
             SpatialData().write(mini_path, sdata_formats=[fmt], consolidate_metadata=False)
             _crash_point("stage_root")
-            mini = SpatialData(**{element_type: {name: element}})
-            mini.path = mini_path
-            mini.write_element(name, sdata_formats=[fmt])
+            with warnings.catch_warnings():
+                # the one-element staging object is not the user's store: a table in it annotates shapes
+                # that live in the real store, and zarr's notes on its own defaults say nothing to act on
+                warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
+                warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
+                mini = SpatialData(**{element_type: {name: element}})
+                mini.path = mini_path
+                mini.write_element(name, sdata_formats=[fmt])
             if (root / element_type).is_dir():
                 src, dst = mini_path / element_type / name, target
             else:  # the store has no group of this type yet: move the whole group in
