@@ -381,7 +381,7 @@ def _certificate(supply, demand, xs, xd, phs, phd, value, *, tol=CERT_TOL, per_r
 
 
 #: the float32 distance cache of one gene's surplus × deficit pairs is kept up to this size (bytes)
-_CACHE_BYTES = 128 * 2**20
+_CACHE_BYTES = 64 * 2**20
 
 
 class _Pricer:
