@@ -302,6 +302,14 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _measure_in_child(fn, *args):
     """Run ``fn(*args)`` in a forked child: (result, cpu seconds, wall seconds, peak RSS rise in MB)."""
     import multiprocessing as mp
@@ -309,6 +317,13 @@ def _measure_in_child(fn, *args):
     def child(conn):
         import resource
 
+        # a forked child inherits the parent's peak RSS; reset it (Linux) so the peak is this solve's own
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            reset = True
+        except OSError:
+            reset = False
         start = _rss_mb()
         c0, t0 = time.process_time(), time.perf_counter()
         try:
@@ -317,7 +332,7 @@ def _measure_in_child(fn, *args):
         except Exception as e:  # noqa: BLE001 - reported in the JSON
             out, err = None, repr(e)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _hwm_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         conn.send((out, err, cpu, wall, peak - start))
         conn.close()
 
@@ -358,6 +373,7 @@ def bench_emd_scaling(quick: bool) -> dict:
 
     from histoexpr.metrics._emd import AUTO_SPARSE_MIN_CELLS, percentile_scores
 
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cases = [("her2st", 20, 3), ("her2st", 40, 3), ("her2st", 64, 3), ("synthetic", 64, 2), ("synthetic", 100, 2),
              ("synthetic", 150, 1)]
     if quick:
@@ -405,7 +421,9 @@ def bench_emd_scaling(quick: bool) -> dict:
                 )
         rows.append(res)
         print(json.dumps(res), flush=True)
-    out = {"auto_sparse_min_cells": AUTO_SPARSE_MIN_CELLS, "sizes": rows}
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    out = {"auto_sparse_min_cells": AUTO_SPARSE_MIN_CELLS, "load_avg_1min": {"start": load_start, "end": load_end},
+           "sizes": rows}
     # whole transcriptome on a 4,000-tile slide: the synthetic 64x64 (4,096 cells) per-gene CPU time
     ref = next((r for r in rows if r["grid"] == "synthetic 64x64"), None)
     if ref is not None:
