@@ -6,25 +6,12 @@ them (see its ``README.md`` and ``case.json``); tests that use one skip when it 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from conftest import find_shared
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _find_reference() -> Path | None:
-    env = os.environ.get("HISTOEXPR_SHARED_REFERENCE")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO.parent / "shared" / "reference", REPO / "shared" / "reference"]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
-
-
-REFERENCE = _find_reference()
+REFERENCE = find_shared("reference", "HISTOEXPR_SHARED_REFERENCE")
 
 
 def reference_case(name: str) -> Path:

@@ -8,17 +8,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _find_shared_data() -> Path | None:
-    env = os.environ.get("HISTOEXPR_SHARED_DATA")
+def find_shared(folder: str, env_var: str) -> Path | None:
+    """``$env_var``, else ``../shared/<folder>`` beside the repository, else ``shared/<folder>`` inside it."""
+    env = os.environ.get(env_var)
     candidates = [Path(env)] if env else []
-    candidates += [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
+    candidates += [REPO.parent / "shared" / folder, REPO / "shared" / folder]
     for c in candidates:
         if c.is_dir():
             return c
     return None
 
 
-SHARED_DATA = _find_shared_data()
+SHARED_DATA = find_shared("data", "HISTOEXPR_SHARED_DATA")
 
 
 def pytest_addoption(parser):

@@ -9,32 +9,19 @@ same rules, not just these numbers).
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from _fidelity_ref import reference_case
 from scipy.stats import percentileofscore
 
 import histoexpr as hx
 
 
-def _reference_dir() -> Path | None:
-    env = os.environ.get("HISTOEXPR_SHARED_REFERENCE")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "reference")
-    for c in candidates:
-        if (c / "sequoia_emd" / "case.json").is_file():
-            return c / "sequoia_emd"
-    return None
-
-
 @pytest.fixture(scope="module")
 def case():
-    folder = _reference_dir()
-    if folder is None:
-        pytest.skip("reference fixture ../shared/reference/sequoia_emd not found (set HISTOEXPR_SHARED_REFERENCE)")
+    folder = reference_case("sequoia_emd")
     meta = json.loads((folder / "case.json").read_text())
     spots = pd.read_csv(folder / "spots.csv")
     return {

@@ -11,31 +11,18 @@ one-tailed in the direction r > r_random.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
+from _fidelity_ref import reference_case
 from scipy import stats
 
 from histoexpr.metrics import SEQUOIA_COLUMNS, well_predicted_genes
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _case_dir() -> Path:
-    env = os.environ.get("HISTOEXPR_SHARED_REFERENCE")
-    for root in ([Path(env)] if env else []) + [REPO.parent / "shared" / "reference", REPO / "shared" / "reference"]:
-        if (root / "sequoia_well_predicted").is_dir():
-            return root / "sequoia_well_predicted"
-    pytest.skip("reference fixture sequoia_well_predicted not found in ../shared/reference "
-                "(set HISTOEXPR_SHARED_REFERENCE)")  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def case():
-    d = _case_dir()
+    d = reference_case("sequoia_well_predicted")
     real, pred, rand = (np.load(d / f"{name}.npy") for name in ("real", "pred", "random"))
     genes = pd.read_csv(d / "genes.csv")["gene"].astype(str).tolist()
     expected = pd.read_csv(d / "expected.csv").set_index("gene").loc[genes]
