@@ -232,24 +232,12 @@ def _read_store(path: str | os.PathLike):
 
 
 def _image_key(sdata, image_key: str | None) -> str | None:
-    if image_key is not None:
-        if image_key not in sdata.images:
-            raise StepError(f"image {image_key!r} not in the store; images: {list(sdata.images)}")
-        return image_key
-    keys = list(sdata.images)
-    if len(keys) == 1:
-        return keys[0]
-    if not keys:
-        return None
-    he = sdata.attrs.get("histoexpr", {}).get("he_key")
-    if he in keys:
-        return he
-    from .io._readers import _pick_he_image
+    """The image to tile by the library's one rule (:func:`histoexpr.io.pick_image_key`); ``None`` without images."""
+    from .io import pick_image_key
 
-    try:
-        return _pick_he_image(sdata, None, Path(str(sdata.path)))
-    except Exception:
-        raise StepError(f"the store has several images {keys}; pass --image-key") from None
+    if not sdata.images and image_key is None:
+        return None
+    return pick_image_key(sdata, image_key, error=StepError)
 
 
 def _tiles_table(sdata, table_key: str | None) -> str:
@@ -832,7 +820,7 @@ def _measured_on_tiles(sdata, measured_key: str, pred, *, k: int, log1p: bool, m
     import numpy as np
     import scipy.sparse as sps
 
-    from . import tl
+    from . import pp
 
     measured = sdata.tables[measured_key]
     region = measured.uns.get("spatialdata_attrs", {}).get("region")
@@ -857,7 +845,7 @@ def _measured_on_tiles(sdata, measured_key: str, pred, *, k: int, log1p: bool, m
     tiles.uns["histoexpr"] = dict(pred.uns.get("histoexpr", {}))
     if "spatial" in pred.uns:
         tiles.uns["spatial"] = pred.uns["spatial"]
-    truth = tl.map_measured_to_tiles(m, tiles, k=min(k, m.n_obs), median_filter=median_filter)
+    truth = pp.map_measured_to_tiles(m, tiles, k=min(k, m.n_obs), median_filter=median_filter)
     if log1p:
         truth.X = np.log1p(np.asarray(truth.X, dtype=np.float32))
     return truth

@@ -87,7 +87,7 @@ def add_tiles_to_spatialdata(
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import get_transformation
 
-    image_key = _resolve_image_key(sdata, image_key)
+    image_key = pick_image_key(sdata, image_key)
     shapes_key = shapes_key or f"{image_key}_tiles"
     table_key = table_key or f"{image_key}_tiles_table"
     _check_free(sdata, [shapes_key, table_key], overwrite=overwrite)  # before writing either element
@@ -247,10 +247,6 @@ def _element_type(sdata, name: str) -> str:
         if element_name == name:
             return element_type
     raise KeyError(name)
-
-
-def _resolve_image_key(sdata, image_key: str | None) -> str:
-    return pick_image_key(sdata, image_key)
 
 
 def _tile_index(adata) -> np.ndarray:

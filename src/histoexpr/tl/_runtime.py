@@ -35,7 +35,8 @@ Precision = Literal["auto", "bf16", "fp32"]
 
 
 def resolve_device(device: Any = None) -> torch.device:
-    """The device to run on: ``device`` when given (checked to exist), else CUDA when available, else CPU.
+    """The device to run on: ``device`` when given (checked to exist), else ``histoexpr.settings.device``
+    (default ``"auto"``: CUDA when available, else CPU).
 
     Example
     -------

@@ -65,11 +65,6 @@ def _features(adata: AnnData, rep: str) -> np.ndarray:
     return x
 
 
-def _split_slides(adata: AnnData, slide_key: str = "slide_id") -> list[tuple[str, np.ndarray]]:
-    """``(slide_id, positions)`` of each slide (:func:`histoexpr._utils.iter_slides`)."""
-    return iter_slides(adata, slide_key)
-
-
 def _model_genes(model) -> list[str] | None:
     g = model_info(model, "genes")
     return [str(x) for x in g] if g is not None else None
@@ -553,7 +548,7 @@ def predict_spatial(
             raise ValueError(
                 f"the model takes {slots} tokens but a {window}×{window} window has {window * window} slots."
             )
-        slides = _split_slides(adata_tiles)
+        slides = iter_slides(adata_tiles)
         grid_shape = _slide_grid_shape(adata_tiles) if len(slides) == 1 else None
         for slide_id, pos in slides:
             index, _ = window_index(
@@ -577,7 +572,7 @@ def predict_spatial(
     else:
         if SPATIAL_KEY not in adata_tiles.obsm:
             raise ValueError("direct prediction needs tile centres in obsm['spatial'].")
-        for slide_id, pos in _split_slides(adata_tiles):
+        for slide_id, pos in iter_slides(adata_tiles):
             cond = _condition_index(models[0], condition, slide_id)
             values[pos] = _predict_direct(
                 features[pos], adata_tiles.obsm[SPATIAL_KEY][pos], models, columns=columns, device=dev,
