@@ -274,7 +274,6 @@ def _to_mass(values: np.ndarray) -> np.ndarray:
 AUTO_SPARSE_MIN_CELLS = 1500
 #: a certified optimum: the certified gap (primal cost minus a valid dual lower bound) is at most this
 CERT_TOL = 1e-9
-_PRICE_BLOCK = 64
 
 
 @dataclass
@@ -312,206 +311,28 @@ def _split(diff: np.ndarray):
     return src, dst, supply, demand
 
 
-def _price(xs, xd, phs, phd, *, tol, per_row=0, col_best=False):
-    """Reduced costs r_ij = c_ij - phs_i + phd_j of every pair, in blocks of rows (memory ``_PRICE_BLOCK · nd``).
+def _lower_bound_gap(supply, demand, phs, phd, value, violation) -> float:
+    """Gap between ``value`` and a proven lower bound on the optimum, from potentials violated by ``violation``.
 
-    Returns (min r, rows, cols): up to ``per_row`` pairs of smallest r per row with r < -tol and, with
-    ``col_best``, the pair of smallest r of each column with r < -tol (``tol=-inf``: regardless of sign).
+    With v = ``violation`` = max(0, -min r) over all pairs, (phs - v, phd) is dual feasible, so
+    ``sum(s·phs) - sum(d·phd) - v·sum(s)`` is a lower bound on the optimum.
     """
-    worst = np.inf
-    add_i, add_j = [], []
-    nd = len(xd)
-    col_min = np.full(nd, np.inf)
-    col_arg = np.zeros(nd, dtype=np.int64)
-    ar = np.arange(nd)
-    k = min(per_row, nd)
-    for s0 in range(0, len(xs), _PRICE_BLOCK):
-        r = _dist_block(xs[s0 : s0 + _PRICE_BLOCK], xd)
-        r -= phs[s0 : s0 + _PRICE_BLOCK, None]
-        r += phd[None, :]
-        if k == 1:
-            am = r.argmin(1)
-            rmin = r[np.arange(len(r)), am]
-        else:
-            rmin = r.min(1)
-        worst = min(worst, float(rmin.min()))
-        if col_best:
-            ac = r.argmin(0)
-            cm = r[ac, ar]
-            better = cm < col_min
-            col_min[better], col_arg[better] = cm[better], ac[better] + s0
-        if k:
-            rows = np.flatnonzero(rmin < -tol)
-            if not rows.size:
-                continue
-            if k == 1:
-                add_i.append(rows + s0)
-                add_j.append(am[rows])
-                continue
-            rr = r[rows]
-            idx = np.argpartition(rr, k - 1, axis=1)[:, :k] if k < nd else np.broadcast_to(ar, rr.shape)
-            sel = (np.take_along_axis(rr, idx, 1) < -tol).ravel()
-            add_i.append(np.repeat(rows + s0, idx.shape[1])[sel])
-            add_j.append(np.asarray(idx).ravel()[sel])
-    if col_best:
-        cols = np.flatnonzero(col_min < -tol)
-        add_i.append(col_arg[cols])
-        add_j.append(cols)
-    if add_i:
-        return worst, np.concatenate(add_i), np.concatenate(add_j)
-    return worst, None, None
-
-
-def _certificate(supply, demand, xs, xd, phs, phd, value, *, tol=CERT_TOL, per_row=0, col_best=True):
-    """Price every surplus/deficit pair in blocks with potentials ``phs``/``phd``.
-
-    Reduced cost r_ij = c_ij - phs_i + phd_j; the potentials are dual feasible iff r >= 0 for all pairs.
-    With v = max(0, -min r), (phs - v, phd) is feasible, so ``sum(s·phs) - sum(d·phd) - v·sum(s)`` is a lower
-    bound on the optimum and ``value`` minus it bounds the error of ``value``. Returns (violation, gap, rows,
-    cols) where rows/cols are up to ``per_row`` most violated pairs per row and the most violated pair of
-    each column (reduced cost < -tol).
-    """
-    worst, add_i, add_j = _price(xs, xd, phs, phd, tol=tol, per_row=per_row, col_best=col_best and per_row > 0)
-    violation = max(0.0, -worst)
     lower = float(supply @ phs - demand @ phd) - violation * float(supply.sum())
-    gap = max(0.0, value - lower)
-    if add_i is not None and add_i.size:
-        return violation, gap, add_i, add_j
-    return violation, gap, None, None
+    return max(0.0, float(value) - lower)
 
 
-#: the float32 distance cache of one gene's surplus × deficit pairs is kept up to this size (bytes)
-_CACHE_BYTES = 64 * 2**20
+def _certificate(supply, demand, xs, xd, phs, phd, value, *, tol=CERT_TOL, per_row=0):
+    """Price every surplus/deficit pair with potentials ``phs``/``phd`` (r_ij = c_ij - phs_i + phd_j).
 
-
-class _Pricer:
-    """Prices every surplus/deficit pair, exactly, for one gene (private).
-
-    When ``ns · nd`` float32 fit in ``_CACHE_BYTES``, the distances are computed once and kept in float32:
-    a pass computes float32 reduced costs as a screen and recomputes in float64 every pair whose float32
-    value lies below a margin far above the float32 rounding error, so the minimum and the violated pairs
-    are exact. Otherwise every pass computes the float64 distances block by block.
+    Returns (violation, gap, rows, cols): the largest negative part of r, the certified gap of ``value``
+    (:func:`_lower_bound_gap`), and up to ``per_row`` most violated pairs per row plus the most violated
+    pair of each column (reduced cost < -tol; None when there is none or ``per_row`` is 0).
     """
+    from ._emd_pricing import price_pairs
 
-    def __init__(self, xs, xd):
-        self.xs, self.xd = xs, xd
-        ns, nd = len(xs), len(xd)
-        self.D = None
-        if 4 * ns * nd <= _CACHE_BYTES:
-            self.D = np.empty((ns, nd), dtype=np.float32)
-            for s0 in range(0, ns, _PRICE_BLOCK):
-                self.D[s0 : s0 + _PRICE_BLOCK] = _dist_block(xs[s0 : s0 + _PRICE_BLOCK], xd)
-            self.dmax = float(self.D.max()) if self.D.size else 0.0
-
-    def candidates(self, phs, phd, k):
-        """The ``k`` pairs of smallest reduced cost of every row and the smallest of every column (heuristic)."""
-        if self.D is None:
-            _, bi, bj = _price(self.xs, self.xd, phs, phd, tol=-np.inf, per_row=k, col_best=True)
-            return bi, bj
-        nd = self.D.shape[1]
-        k = min(k, nd)
-        ps, pd_ = phs.astype(np.float32), phd.astype(np.float32)
-        add_i, add_j = [], []
-        col_min = np.full(nd, np.inf, dtype=np.float32)
-        col_arg = np.zeros(nd, dtype=np.int64)
-        ar = np.arange(nd)
-        B = 4 * _PRICE_BLOCK
-        for s0 in range(0, len(ps), B):
-            r = self.D[s0 : s0 + B] - ps[s0 : s0 + B, None]
-            r += pd_[None, :]
-            idx = np.argpartition(r, k - 1, axis=1)[:, :k] if k < nd else np.broadcast_to(ar, r.shape)
-            add_i.append(np.repeat(np.arange(s0, s0 + len(r)), idx.shape[1]))
-            add_j.append(np.asarray(idx).ravel())
-            ac = r.argmin(0)
-            cm = r[ac, ar]
-            better = cm < col_min
-            col_min[better], col_arg[better] = cm[better], ac[better] + s0
-        add_i.append(col_arg)
-        add_j.append(ar)
-        return np.concatenate(add_i), np.concatenate(add_j)
-
-    def price(self, phs, phd, *, tol, per_row, col_best):
-        """(min reduced cost, rows, cols) as :func:`_price`; ``exact`` tells whether that min is exact.
-
-        Returns (worst, rows, cols, exact). ``exact`` is False only when some block held so many pairs
-        near or below zero that they were ranked in float32 (an early round): the pairs returned are
-        then exact violators, but ``worst`` is not the certificate.
-        """
-        if self.D is None:
-            return (*_price(self.xs, self.xd, phs, phd, tol=tol, per_row=per_row, col_best=col_best), True)
-        scale = max(1.0, self.dmax, float(np.abs(phs).max(initial=0.0)), float(np.abs(phd).max(initial=0.0)))
-        margin = 4e-6 * scale  # float32 rounding of c, phs, phd and two sums: below 5e-7 · scale
-        ps, pd_ = phs.astype(np.float32), phd.astype(np.float32)
-        nd = self.D.shape[1]
-        k = min(max(per_row, 1), nd)
-        ar = np.arange(nd)
-        ii, jj, dense_i, dense_j = [], [], [], []
-        exact = True
-        worst_dense = np.inf
-        col_min = np.full(nd, np.inf, dtype=np.float32)
-        col_arg = np.zeros(nd, dtype=np.int64)
-        B = 4 * _PRICE_BLOCK
-        for s0 in range(0, len(ps), B):
-            r = self.D[s0 : s0 + B] - ps[s0 : s0 + B, None]
-            r += pd_[None, :]
-            low = r < margin
-            n_low = int(np.count_nonzero(low))
-            if not n_low:
-                continue
-            if col_best and per_row:
-                ac = r.argmin(0)
-                cm = r[ac, ar]
-                better = cm < col_min
-                col_min[better], col_arg[better] = cm[better], ac[better] + s0
-            if n_low <= 4 * k * len(r):
-                bi, bj = np.nonzero(low)
-                ii.append(bi + s0)
-                jj.append(bj)
-                continue
-            # many pairs near or below zero (an early round): these rows in float64, k most violated per row
-            rows = np.flatnonzero(low.any(1)) + s0
-            r64 = _dist_block(self.xs[rows], self.xd)
-            r64 -= phs[rows, None]
-            r64 += phd[None, :]
-            worst_dense = min(worst_dense, float(r64.min()))
-            if per_row:
-                idx = np.argpartition(r64, k - 1, axis=1)[:, :k] if k < nd else np.broadcast_to(ar, r64.shape)
-                sel = (np.take_along_axis(r64, idx, 1) < -tol).ravel()
-                dense_i.append(np.repeat(rows, idx.shape[1])[sel])
-                dense_j.append(np.asarray(idx).ravel()[sel])
-        if col_best and per_row:
-            cols = np.flatnonzero(col_min < margin)
-            ii.append(col_arg[cols])
-            jj.append(cols)
-        # pairs above the margin have r > margin - rounding > 0; the others are priced in float64 here
-        worst = worst_dense
-        out_i, out_j = dense_i, dense_j
-        if ii:
-            ii, jj = np.concatenate(ii), np.concatenate(jj)
-            d = self.xs[ii] - self.xd[jj]
-            r = np.sqrt(np.einsum("ij,ij->i", d, d)) - phs[ii] + phd[jj]
-            worst = min(worst, float(r.min()))
-            viol = r < -tol
-            if per_row and viol.any():
-                ii, jj, r = ii[viol], jj[viol], r[viol]
-                order = np.lexsort((r, ii))
-                ii, jj = ii[order], jj[order]
-                first = np.r_[True, ii[1:] != ii[:-1]]
-                rank = np.arange(len(ii)) - np.maximum.accumulate(np.where(first, np.arange(len(ii)), 0))
-                keep = rank < per_row + 1  # + the column-best pair a row may hold
-                out_i, out_j = [*out_i, ii[keep]], [*out_j, jj[keep]]
-        if not out_i:
-            return worst, None, None, exact
-        return worst, np.concatenate(out_i), np.concatenate(out_j), exact
-
-    def certificate(self, supply, demand, phs, phd, value, *, tol, per_row, col_best=True):
-        """As :func:`_certificate`; the bound comes from an exact pricing pass."""
-        worst, add_i, add_j, exact = self.price(phs, phd, tol=tol, per_row=per_row, col_best=col_best)
-        self.last_exact = exact
-        violation = max(0.0, -worst)
-        lower = float(supply @ phs - demand @ phd) - violation * float(supply.sum())
-        gap = max(0.0, value - lower)
-        return violation, gap, add_i, add_j
+    worst, rows, cols = price_pairs(xs, xd, phs, phd, thr=-tol, k=per_row, col_best=per_row > 0)
+    violation = max(0.0, -worst)
+    return violation, _lower_bound_gap(supply, demand, phs, phd, value, violation), rows, cols
 
 
 def _full_solve(diff: np.ndarray, coords: np.ndarray, num_itermax: int, certify: bool = True):
@@ -556,13 +377,12 @@ class GridSolver:
 
     * ``"full"``: POT's dense network simplex on the surplus × deficit problem (memory n_s · n_d);
     * ``"sparse"``: multiscale column generation. The coarsest level is solved densely; on each finer
-      level the candidate arcs are the fine pairs under the coarse plan's arcs, the ``k`` cheapest
-      pairs per surplus cell and the cheapest per deficit cell by reduced cost under the coarse
-      potentials, and a north-west-corner plan (which keeps the sparse problem feasible). POT's sparse
-      network simplex solves it; then **every** surplus/deficit pair is priced with its potentials and
-      the most violated pairs (per row and per column) are added until none remains. The final pricing
-      is the certificate. Pricing screens in float32 against distances computed once per gene (when they
-      fit in ``_CACHE_BYTES``) and recomputes in float64 every pair near or below zero, so it is exact.
+      level the candidate arcs are the fine pairs under the coarse plan's arcs, each cell's nearest
+      cells of the opposite sign, the cheapest pairs by reduced cost under the coarse potentials, and
+      a north-west-corner plan (which keeps the sparse problem feasible). POT's sparse network simplex
+      solves it; then **every** surplus/deficit pair is priced with its potentials (a compiled pass,
+      float64, memory linear in the cells) and the pairs of smallest reduced cost per row and column
+      are added until no pair is violated. The final pricing is the certificate.
     """
 
     def __init__(self, coords: np.ndarray, *, min_cells: int = 1000):
@@ -643,17 +463,36 @@ def _new_keys(key, add_i, add_j, nd):
     return new[key[pos] != new]
 
 
-def _sparse_level(diff, coords, phi0, coarse_plan, children, *, itermax, final, per_row=32, init_k=16, col_best=True,
-                  max_rounds=100):
+def _nearest_pairs(xs: np.ndarray, xd: np.ndarray, k: int) -> np.ndarray:
+    """Pair keys ``i · nd + j`` of every surplus cell's and every deficit cell's ``k`` nearest opposite cells."""
+    from scipy.spatial import cKDTree
+
+    ns, nd = len(xs), len(xd)
+    _, near_d = cKDTree(xd).query(xs, k=min(k, nd))
+    _, near_s = cKDTree(xs).query(xd, k=min(k, ns))
+    near_d, near_s = np.asarray(near_d).reshape(ns, -1), np.asarray(near_s).reshape(nd, -1)
+    return np.concatenate([
+        np.repeat(np.arange(ns), near_d.shape[1]) * nd + near_d.ravel(),
+        near_s.ravel() * nd + np.repeat(np.arange(nd), near_s.shape[1]),
+    ])
+
+
+def _sparse_level(diff, coords, phi0, coarse_plan, children, *, itermax, final, per_row=64, init_k=8, n_near=4,
+                  anticipate=0.05, max_rounds=100):
     """One level of the multiscale column generation; returns (Solution, phi, plan arcs, rounds).
 
-    Candidates: the fine pairs under the coarse plan's arcs, a north-west-corner plan (feasible), and the
-    pair of smallest reduced cost (under the coarse potentials) of every row and column. Each round solves
-    the sparse problem with POT's network simplex, then prices **every** surplus/deficit pair with its
-    potentials and adds the most violated pairs per row and per column until none remains; on the finest
-    level that last pricing is the certificate.
+    Candidates: the fine pairs under the coarse plan's arcs; each cell's ``n_near`` nearest cells of the
+    opposite sign (where mass cancels locally; the coarse plan cannot see it inside one block); per surplus
+    cell the ``init_k`` pairs of smallest reduced cost under the coarse potentials and the smallest of every
+    deficit cell; and a north-west-corner plan (which keeps the sparse problem feasible). Each round solves the
+    sparse problem with POT's network simplex, then prices **every** surplus/deficit pair with its potentials
+    and adds, per row and per column, the pairs of smallest reduced cost below a threshold: below zero in the
+    first round, then below ``anticipate`` × the last violation (pairs about to become violated, which saves
+    rounds). It stops when no pair is violated; on the finest level that last pricing is the certificate.
     """
     from ot.lp.emd_wrap import emd_c_sparse
+
+    from ._emd_pricing import price_pairs
 
     tol = CERT_TOL if final else 1e-7
     src, dst, supply, demand = _split(diff)
@@ -678,12 +517,13 @@ def _sparse_level(diff, coords, phi0, coarse_plan, children, *, itermax, final, 
         jj = np.broadcast_to(cj[:, None, :], (len(pi), ci.shape[1], cj.shape[1])).ravel()
         ok = (ii >= 0) & (jj >= 0)
         keys.append(ii[ok] * nd + jj[ok])
-    # 2. the cheapest pair of every row and column by reduced cost under the coarse potentials
+    # 2. local cancellation: nearest cells of the opposite sign
+    keys.append(_nearest_pairs(xs, xd, n_near))
+    # 3. cheapest pairs by reduced cost under the coarse potentials
     phs, phd = phi0[src], phi0[dst]
-    pricer = _Pricer(xs, xd)
-    bi, bj = pricer.candidates(phs, phd, init_k)
+    _, bi, bj = price_pairs(xs, xd, phs, phd, thr=np.inf, k=init_k, col_best=True)
     keys.append(bi * nd + bj)
-    # 3. a north-west-corner plan along row-major order: a feasible plan, so the sparse problem is feasible
+    # 4. a north-west-corner plan along row-major order: a feasible plan, so the sparse problem is feasible
     os_, od = np.lexsort((xs[:, 1], xs[:, 0])), np.lexsort((xd[:, 1], xd[:, 0]))
     cs, cd = np.cumsum(supply[os_]), np.cumsum(demand[od])
     cs[-1] = cd[-1] = max(cs[-1], cd[-1])
@@ -693,6 +533,7 @@ def _sparse_level(diff, coords, phi0, coarse_plan, children, *, itermax, final, 
     keys.append(os_[ia] * nd + od[ja])
     key = _unique_sorted(np.concatenate(keys))
     rounds = 0
+    thr = -tol
     while True:
         rounds += 1
         ai, aj = key // nd, key % nd
@@ -707,19 +548,16 @@ def _sparse_level(diff, coords, phi0, coarse_plan, children, *, itermax, final, 
         if code != 1:
             return Solution(np.nan, code, solver="sparse"), phi, (np.empty(0, int), np.empty(0, int)), rounds
         phs, phd = np.asarray(u), -np.asarray(v)
-        violation, gap, add_i, add_j = pricer.certificate(supply, demand, phs, phd, float(value), tol=tol,
-                                                          per_row=per_row, col_best=col_best)
+        worst, add_i, add_j = price_pairs(xs, xd, phs, phd, thr=thr, k=per_row, col_best=True)
+        violation = max(0.0, -worst)
+        if violation <= tol or rounds >= max_rounds:
+            break
         new = _new_keys(key, add_i, add_j, nd)
-        if new.size == 0 and final and not pricer.last_exact:
-            # the pass ranked some pairs in float32 and found nothing new: price in float64 (the certificate)
-            violation, gap, add_i, add_j = _certificate(supply, demand, xs, xd, phs, phd, float(value), tol=tol,
-                                                        per_row=per_row)
-            new = _new_keys(key, add_i, add_j, nd)
-        if new.size == 0 or rounds >= max_rounds:
-            if final and not pricer.last_exact and new.size:  # stopped by max_rounds
-                violation, gap, _, _ = _certificate(supply, demand, xs, xd, phs, phd, float(value), tol=tol)
+        if new.size == 0:  # violated pairs already in the problem: only rounding in the simplex can do this
             break
         key = np.sort(np.concatenate([key, new]))
+        thr = max(-tol, anticipate * violation)
+    gap = _lower_bound_gap(supply, demand, phs, phd, value, violation)
     phi[src], phi[dst] = phs, phd
     fs, ft, fv = np.asarray(fs, dtype=np.int64), np.asarray(ft, dtype=np.int64), np.asarray(fv)
     on = fv > 0
