@@ -757,8 +757,10 @@ def extract_features_cohort(
     else:
         if num_workers is None:
             job["num_workers"] = 0
+        # largest files first (longest-processing-time-first): a big slide started last would be the tail
         futures = [client.submit(_cohort_slide, given_id, source, job=job, progress=False, state=None,
-                                 pure=False, key=f"histoexpr-slide-{i}-{given_id or Path(str(source)).stem}")
+                                 pure=False, key=f"histoexpr-slide-{i}-{given_id or Path(str(source)).stem}",
+                                 priority=_size_hint(source))
                    for i, (given_id, source) in enumerate(items)]
         from dask.distributed import as_completed
 
@@ -774,6 +776,14 @@ def extract_features_cohort(
         rows = [done[f.key] for f in futures]
     return pd.DataFrame(rows, columns=["slide_id", "path", "status", "n_tiles", "seconds", "output", "error",
                                        "worker"])
+
+
+def _size_hint(source) -> int:
+    """A slide file's size in KiB (a scheduling priority; 0 when it is not a local file)."""
+    try:
+        return int(os.path.getsize(source) // 1024) if isinstance(source, (str, os.PathLike)) else 0
+    except OSError:
+        return 0
 
 
 #: Encoders loaded in this process (a Dask worker runs many slides with the same encoder).
