@@ -287,6 +287,10 @@ def test_mismatched_grids_raise_or_warn():
     del no_grid.obs["row"]
     with pytest.raises(ValueError, match="tile grid"):
         emd(no_grid, truth)
+    rc = np.c_[np.divmod(np.arange(25), 5)].astype(float)
+    rc[3, 1] = np.nan
+    with pytest.raises(ValueError, match="1 tile\\(s\\) have NaN or inf grid coordinates"):
+        emd(np.random.default_rng(0).random((25, 2)), np.random.default_rng(1).random((25, 2)), coords=rc)
 
 
 def test_iteration_limit_warns():

@@ -168,6 +168,12 @@ def pair_maps(
             coords = np.asarray(coords, dtype=np.float64)
     if coords is not None and coords.shape != (P.shape[0], 2):
         raise ValueError(f"coords must have shape (n_tiles, 2) = ({P.shape[0]}, 2), got {coords.shape}.")
+    if coords is not None and not np.isfinite(coords).all():
+        bad = int((~np.isfinite(coords)).any(1).sum())
+        raise ValueError(
+            f"{bad} tile(s) have NaN or inf grid coordinates; the transport distances would be undefined. "
+            "Drop those tiles or fix obs['row']/obs['col'] (or coords=)."
+        )
     if need_coords and coords is None:
         raise ValueError(
             "EMD needs the tile grid: obs['row'] and obs['col'] (integer tile indices) in the AnnData, or coords= "

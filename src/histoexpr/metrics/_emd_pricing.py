@@ -10,11 +10,19 @@ import numpy as np
 from numba import njit
 
 # No reassociation, no approximate functions, no FMA contraction: every reduced cost is computed with the
-# same IEEE operations, in the same order, as the numpy reference (``_emd._price``). Finite inputs only.
+# same IEEE operations, in the same order, as numpy's ``np.sqrt(dr * dr + dc * dc) - phs + phd``. Finite
+# inputs only (the callers pass coordinates and potentials, never NaN or inf).
 _FLAGS = {"nnan", "ninf", "nsz"}
 
 
-@njit(cache=True, nogil=True, fastmath=_FLAGS)
+def _jit(fn):
+    try:
+        return njit(cache=True, nogil=True, fastmath=_FLAGS)(fn)
+    except RuntimeError:  # no writable cache location (read-only install and home): compile per process
+        return njit(nogil=True, fastmath=_FLAGS)(fn)
+
+
+@_jit
 def _price_kernel(xs, xd, phs, phd, thr, k, col_best, out_i, out_j, col_min, col_arg):  # pragma: no cover - jitted
     ns, nd = xs.shape[0], xd.shape[0]
     xd0 = np.ascontiguousarray(xd[:, 0])
