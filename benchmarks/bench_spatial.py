@@ -136,6 +136,7 @@ def bench_end_to_end(slide, tiles, quick: bool) -> dict:
     import torch
 
     import histoexpr as hx
+    from histoexpr._threads import limit_threads, resolve_threads
     from histoexpr.models.handcrafted import hed_stats_encoder
 
     size = 30
@@ -176,7 +177,8 @@ def bench_end_to_end(slide, tiles, quick: bool) -> dict:
     where = {(r, c): i for i, (r, c) in enumerate(zip(region.obs["row"], region.obs["col"]))}
     feat_diff = 0.0
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    # the same torch thread count as ours (histoexpr caps small models at hx.settings.n_threads, default 1)
+    with limit_threads(), torch.inference_mode():
         for w in pick:
             wr, wc = corners[w]
             members = [where[(r, c)] for r in range(wr, wr + 10) for c in range(wc, wc + 10) if (r, c) in where]
@@ -193,6 +195,7 @@ def bench_end_to_end(slide, tiles, quick: bool) -> dict:
         "encoder": "hed_stats at 64 px (weight-free, 103-d)",
         "model": "Sequoia D=103, depth 2, 4 heads, 250 genes",
         "n_windows": int(n_windows),
+        "torch_threads_both": resolve_threads(),
         "ours_s": round(t_ours, 3),
         "ours_featurise_s": round(t_feat, 3),
         "ours_windows_s": round(t_ours - t_feat, 3),
