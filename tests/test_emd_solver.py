@@ -97,14 +97,17 @@ def test_inf_raises_naming_the_gene_or_is_dropped_with_a_warning():
     assert res.loc["geneB", "emd"] == pytest.approx(sub["emd"].iloc[0], abs=1e-12)
 
 
-def test_processes_equal_serial():
+@pytest.mark.parametrize("n", [20, 42])  # 42² = 1,764 cells: the sparse solver (kernel compiled before forking)
+def test_processes_equal_serial(n):
     rng = np.random.default_rng(6)
-    pred, truth, rc = _smooth_pair(20, 6)
-    P = pred + rng.normal(size=(len(rc), 6))
-    T = np.repeat(truth, 6, axis=1)
+    pred, truth, rc = _smooth_pair(n, 6)
+    P = pred + rng.normal(size=(len(rc), 4))
+    T = np.repeat(truth, 4, axis=1)
     serial = hx.metrics.emd(P, T, coords=rc, n_jobs=1)
     parallel = hx.metrics.emd(P, T, coords=rc, n_jobs=2)
     np.testing.assert_array_equal(serial["emd"].to_numpy(), parallel["emd"].to_numpy())
+    assert parallel["certified"].all()
+    assert set(parallel["solver"]) == {"sparse" if n * n > 1500 else "full"}
 
 
 @pytest.mark.slow

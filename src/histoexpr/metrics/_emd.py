@@ -651,6 +651,10 @@ def _run_tasks(tasks: list[tuple], *, n_jobs: int | None, client, solver: str, n
 
         import ot  # noqa: F401
 
+        if solver == "sparse" or (solver == "auto" and any(len(xy) > AUTO_SPARSE_MIN_CELLS for _, _, xy in tasks)):
+            from ._emd_pricing import warm_up
+
+            warm_up()  # compiled once here, inherited by every worker
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
             parts = list(pool.map(_solve_block, *zip(*args)))
     else:

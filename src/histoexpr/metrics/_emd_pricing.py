@@ -114,3 +114,9 @@ def price_pairs(
     if not rows.size:
         return float(worst), None, None
     return float(worst), rows, cols
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernel now, e.g. before forking worker processes."""
+    x = np.zeros((1, 2))
+    price_pairs(x, x, np.zeros(1), np.zeros(1), thr=0.0, k=1, col_best=True)
