@@ -294,20 +294,21 @@ def _synthetic_grid(n: int, n_genes: int, seed: int = 0):
     return pred, truth, rc
 
 
-def _rss_mb() -> float:
+def _proc_status_mb(field: str) -> float:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB; NaN where there is none."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_mb() -> float:
+    return _proc_status_mb("VmRSS")
 
 
 def _hwm_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _proc_status_mb("VmHWM")
 
 
 def _measure_in_child(fn, *args):
@@ -348,25 +349,18 @@ def _measure_in_child(fn, *args):
 
 
 def _solve_ours(diff, rc, solver):
-    from histoexpr.metrics._emd import GridSolver
+    from histoexpr.metrics._emd import GridSolver, _resolve_solver
 
-    kind = solver
-    if solver == "auto":
-        from histoexpr.metrics._emd import AUTO_SPARSE_MIN_CELLS
-
-        kind = "sparse" if len(rc) > AUTO_SPARSE_MIN_CELLS else "full"
-    sol = GridSolver(rc).solve(diff, solver=kind)
+    sol = GridSolver(rc).solve(diff, solver=_resolve_solver(solver, len(rc)))
     return {"value": sol.value, "certified": bool(sol.certified), "gap": sol.gap, "solver": sol.solver,
             "rounds": sol.rounds}
 
 
-def _solve_ours_batch(diffs, rc):
-    """All genes with one GridSolver (the per-grid work shared, as ``emd`` does): per-gene results."""
-    from histoexpr.metrics._emd import AUTO_SPARSE_MIN_CELLS, GridSolver
+def _solve_ours_batch(A, B, rc):
+    """All genes through ``emd``'s own per-block path (one GridSolver, the per-grid work shared): values."""
+    from histoexpr.metrics._emd import _solve_block
 
-    grid = GridSolver(rc)
-    kind = "sparse" if len(rc) > AUTO_SPARSE_MIN_CELLS else "full"
-    return [grid.solve(diffs[:, j], solver=kind).value for j in range(diffs.shape[1])]
+    return [row[0] for row in _solve_block(A, B, rc, "auto", None, False)]
 
 
 def _solve_pot_full(a, b, rc):
@@ -380,11 +374,10 @@ def _solve_pot_full(a, b, rc):
 def bench_emd_scaling(quick: bool) -> dict:
     import ot  # noqa: F401 - imported before forking
 
-    from histoexpr.metrics._emd import AUTO_SPARSE_MIN_CELLS, GridSolver, percentile_scores
+    from histoexpr.metrics._emd import AUTO_SPARSE_MIN_CELLS, percentile_scores
+    from histoexpr.metrics._emd_pricing import warm_up
 
-    # compile the pricing kernel before forking, so no child pays (or is timed for) numba's compilation
-    warm_rc = np.c_[np.divmod(np.arange(48 * 48), 48)].astype(float)
-    GridSolver(warm_rc).solve(np.sin(warm_rc[:, 0] / 7) - np.cos(warm_rc[:, 1] / 5) + 1e-3, solver="sparse")
+    warm_up()  # compile the pricing kernel before forking, so no child pays (or is timed for) numba's compilation
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cases = [("her2st", 20, 3), ("her2st", 40, 3), ("her2st", 64, 6), ("synthetic", 64, 4), ("synthetic", 100, 2),
              ("synthetic", 150, 1)]
@@ -420,7 +413,7 @@ def bench_emd_scaling(quick: bool) -> dict:
                 "wall_s_per_gene": round(float(np.mean([r[2] for r in runs])), 4),
                 "peak_rss_rise_mb": round(float(np.max([r[3] for r in runs])), 1),
             }
-        batch, cpu, wall, peak = _measure_in_child(_solve_ours_batch, A - B, rc)
+        batch, cpu, wall, peak = _measure_in_child(_solve_ours_batch, A, B, rc)
         res["ours_batch"] = {"cpu_s_per_gene": round(cpu / n_genes, 4), "wall_s_per_gene": round(wall / n_genes, 4),
                              "peak_rss_rise_mb": round(peak, 1), "note": "all timed genes with one GridSolver"}
         ours = per["ours"]

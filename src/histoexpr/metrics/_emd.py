@@ -327,16 +327,16 @@ def _lower_bound_gap(supply, demand, phs, phd, value, violation) -> float:
     return max(0.0, float(value) - lower)
 
 
-def _certificate(supply, demand, xs, xd, phs, phd, value, *, tol=CERT_TOL, per_row=0):
+def _certificate(supply, demand, xs, xd, phs, phd, value, *, thr=-CERT_TOL, per_row=0):
     """Price every surplus/deficit pair with potentials ``phs``/``phd`` (r_ij = c_ij - phs_i + phd_j).
 
     Returns (violation, gap, rows, cols): the largest negative part of r, the certified gap of ``value``
-    (:func:`_lower_bound_gap`), and up to ``per_row`` most violated pairs per row plus the most violated
-    pair of each column (reduced cost < -tol; None when there is none or ``per_row`` is 0).
+    (:func:`_lower_bound_gap`), and up to ``per_row`` pairs of smallest r per row plus the smallest of
+    each column, among those with r < ``thr`` (None when there is none or ``per_row`` is 0).
     """
     from ._emd_pricing import price_pairs
 
-    worst, rows, cols = price_pairs(xs, xd, phs, phd, thr=-tol, k=per_row, col_best=per_row > 0)
+    worst, rows, cols = price_pairs(xs, xd, phs, phd, thr=thr, k=per_row, col_best=per_row > 0)
     violation = max(0.0, -worst)
     return violation, _lower_bound_gap(supply, demand, phs, phd, value, violation), rows, cols
 
@@ -370,7 +370,7 @@ def _full_solve(diff: np.ndarray, coords: np.ndarray, num_itermax: int, certify:
         r -= u[:, None]
         r -= v[None, :]
         sol.violation = max(0.0, -float(r.min()))
-        sol.gap = max(0.0, value - (float(supply @ u + demand @ v) - sol.violation * float(supply.sum())))
+        sol.gap = _lower_bound_gap(supply, demand, u, -v, value, sol.violation)
     gi, gj = np.nonzero(plan > 0)
     return sol, phi, (np.flatnonzero(src)[gi], np.flatnonzero(dst)[gj])
 
@@ -554,8 +554,8 @@ def _sparse_level(diff, coords, phi0, coarse_plan, children, *, itermax, final, 
         if code != 1:
             return Solution(np.nan, code, solver="sparse"), phi, (np.empty(0, int), np.empty(0, int)), rounds
         phs, phd = np.asarray(u), -np.asarray(v)
-        worst, add_i, add_j = price_pairs(xs, xd, phs, phd, thr=thr, k=per_row, col_best=True)
-        violation = max(0.0, -worst)
+        violation, gap, add_i, add_j = _certificate(supply, demand, xs, xd, phs, phd, value, thr=thr,
+                                                    per_row=per_row)
         if violation <= tol or rounds >= max_rounds:
             break
         new = _new_keys(key, add_i, add_j, nd)
@@ -563,7 +563,6 @@ def _sparse_level(diff, coords, phi0, coarse_plan, children, *, itermax, final, 
             break
         key = np.sort(np.concatenate([key, new]))
         thr = max(-tol, anticipate * violation)
-    gap = _lower_bound_gap(supply, demand, phs, phd, value, violation)
     phi[src], phi[dst] = phs, phd
     fs, ft, fv = np.asarray(fs, dtype=np.int64), np.asarray(ft, dtype=np.int64), np.asarray(fv)
     on = fv > 0
@@ -590,15 +589,20 @@ def _cv2_emd(a: np.ndarray, b: np.ndarray, coords: np.ndarray) -> float:
 _RESULT_FIELDS = ("value", "code", "violation", "gap", "solver", "rounds", "cv2")
 
 
+def _resolve_solver(solver: str, n_cells: int) -> str:
+    """The solver ``solver`` stands for on ``n_cells`` cells: ``"auto"`` is sparse above ``AUTO_SPARSE_MIN_CELLS``."""
+    if solver == "auto":
+        return "sparse" if n_cells > AUTO_SPARSE_MIN_CELLS else "full"
+    return solver
+
+
 def _solve_block(
     masses_a: np.ndarray, masses_b: np.ndarray, coords: np.ndarray, solver: str, num_itermax: int | None,
     want_cv2: bool,
 ) -> list[tuple]:
     """Solve the genes (columns) of one cell set; the grid work (hierarchy) is shared by all of them."""
     grid = GridSolver(coords)
-    kind = solver
-    if solver == "auto":
-        kind = "sparse" if len(coords) > AUTO_SPARSE_MIN_CELLS else "full"
+    kind = _resolve_solver(solver, len(coords))
     out = []
     for j in range(masses_a.shape[1]):
         a, b = masses_a[:, j], masses_b[:, j]
@@ -651,7 +655,7 @@ def _run_tasks(tasks: list[tuple], *, n_jobs: int | None, client, solver: str, n
 
         import ot  # noqa: F401
 
-        if solver == "sparse" or (solver == "auto" and any(len(xy) > AUTO_SPARSE_MIN_CELLS for _, _, xy in tasks)):
+        if any(_resolve_solver(solver, len(xy)) == "sparse" for _, _, xy in tasks):
             from ._emd_pricing import warm_up
 
             warm_up()  # compiled once here, inherited by every worker
